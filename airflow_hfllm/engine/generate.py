@@ -1,0 +1,203 @@
+"""Batched generation with ``model.generate()``: the portable path (CPU, and any model on GPU).
+
+Prompts are sorted by length so a batch wastes little padding, batches are sized by a token budget
+(rows x (longest prompt + new tokens)), padded on the left, and each row stops at its own EOS. A CUDA
+out-of-memory error splits the batch in two and retries, shrinking the budget for later batches;
+only a single row that does not fit on its own becomes an ``error`` row. No row is ever dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from airflow_hfllm.engine.cache import free_memory
+from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.spec import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(RuntimeError):
+    """The job was asked to stop (``on_kill``, Ctrl-C); raised between batches."""
+
+
+@dataclass
+class Request:
+    input_ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class Completion:
+    text: str | None
+    output_tokens: int
+    finish_reason: str  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+def eos_ids(loaded: LoadedModel) -> list[int]:
+    ids = loaded.model.generation_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
+    if loaded.tokenizer.eos_token_id is not None and loaded.tokenizer.eos_token_id not in ids:
+        ids.append(loaded.tokenizer.eos_token_id)
+    return ids
+
+
+def kv_bytes_per_token(model, dtype) -> int:
+    import torch
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def default_token_budget(loaded: LoadedModel) -> int:
+    """Tokens (rows x sequence length) per batch: from free GPU memory, a fixed amount on CPU."""
+    import torch
+
+    if loaded.device.type != "cuda":
+        return 16_384
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
+    # Half of free memory for the KV cache; the rest covers activations and allocator slack.
+    return max(2048, min(4_000_000, int(0.5 * free / per_token)))
+
+
+class BatchedGenerator:
+    """:param max_batch_size: cap on rows per batch; the token budget does the rest."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        params: GenerationParams,
+        *,
+        max_batch_size: int | None = None,
+        token_budget: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ):
+        self.loaded = loaded
+        self.params = params
+        on_gpu = loaded.device.type == "cuda"
+        self.max_batch_size = max_batch_size or (256 if on_gpu else 32)
+        self.token_budget = token_budget or default_token_budget(loaded)
+        self.should_stop = should_stop or (lambda: False)
+        self.on_batch = on_batch or (lambda rows, tokens: None)
+        self.eos = eos_ids(loaded)
+        self.pad = loaded.tokenizer.pad_token_id
+        if params.num_beams == 1 and params.length_penalty != 1.0:
+            log.warning("length_penalty only applies to beam search (num_beams > 1); ignored")
+
+    def batches(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Indices of ``requests`` grouped into batches, longest prompts first."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].input_ids))
+        batches, current, longest, most_new = [], [], 0, 0
+        for i in order:
+            length, new = len(requests[i].input_ids), requests[i].max_new_tokens
+            grown = (len(current) + 1) * (max(longest, length) + max(most_new, new))
+            if current and (len(current) >= self.max_batch_size or grown > self.token_budget):
+                batches.append(current)
+                current, longest, most_new = [], 0, 0
+            current.append(i)
+            longest, most_new = max(longest, length), max(most_new, new)
+        if current:
+            batches.append(current)
+        return batches
+
+    def generate(self, requests: Sequence[Request], seed: int | None = None) -> list[Completion]:
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        results: dict[int, Completion] = {}
+        for batch in self.batches(requests):
+            if self.should_stop():
+                raise Cancelled("stopped between batches")
+            done = self._run(batch, requests)
+            results.update(done)
+            self.on_batch(len(batch), sum(c.output_tokens for c in done.values()))
+        return [results[i] for i in range(len(requests))]
+
+    def _run(self, batch: list[int], requests: Sequence[Request]) -> dict[int, Completion]:
+        import torch
+
+        try:
+            return self._generate(batch, requests)
+        except torch.OutOfMemoryError:
+            free_memory()
+            tokens = len(batch) * max(len(requests[i].input_ids) + requests[i].max_new_tokens for i in batch)
+            if len(batch) == 1:
+                log.warning("one row does not fit in GPU memory (%d tokens); marked as error", tokens)
+                return {batch[0]: Completion(None, 0, "error", f"out of GPU memory for {tokens} tokens")}
+            self.token_budget = max(1, min(self.token_budget, tokens // 2))
+            log.warning("CUDA out of memory on %d rows; splitting the batch, token budget now %d",
+                        len(batch), self.token_budget)
+            half = len(batch) // 2
+            return self._run(batch[:half], requests) | self._run(batch[half:], requests)
+
+    def _generate(self, batch: list[int], requests: Sequence[Request]) -> dict[int, Completion]:
+        import torch
+
+        model, tokenizer, p = self.loaded.model, self.loaded.tokenizer, self.params
+        rows = [requests[i].input_ids for i in batch]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for n, ids in enumerate(rows):
+            input_ids[n, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[n, width - len(ids):] = 1
+        device = model.device if hasattr(model, "device") else self.loaded.device
+        max_new = max(requests[i].max_new_tokens for i in batch)
+        kwargs = dict(
+            max_new_tokens=max_new,
+            do_sample=p.do_sample,
+            use_cache=p.use_cache,
+            pad_token_id=self.pad,
+            eos_token_id=self.eos,
+            num_beams=p.num_beams,
+        )
+        if p.do_sample:
+            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
+        else:
+            # The model's own generation_config may carry sampling defaults; greedy ignores them.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if p.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = p.repetition_penalty
+        if p.min_length:
+            kwargs["min_new_tokens"] = p.min_length
+        if p.num_beams > 1:
+            kwargs["length_penalty"] = p.length_penalty
+        if p.stop:
+            kwargs.update(stop_strings=list(p.stop), tokenizer=tokenizer)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+            )
+        generated = out[:, width:].tolist()
+        return {i: self._completion(ids, requests[i].max_new_tokens) for i, ids in zip(batch, generated)}
+
+    def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+        finish = "length"
+        for n, token in enumerate(ids):
+            if token in self.eos:
+                ids, finish = ids[:n], "stop"
+                break
+        while ids and ids[-1] == self.pad:  # a row stopped by a stop string is padded after it
+            ids = ids[:-1]
+        if len(ids) > max_new_tokens:  # this row asked for fewer tokens than the batch's longest
+            ids, finish = ids[:max_new_tokens], "length"
+        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+        count = len(ids)
+        if self.params.stop:
+            cut = min((text.find(s) for s in self.params.stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if finish == "length" and count < max_new_tokens:
+            finish = "stop"
+        return Completion(text, count, finish)

@@ -1,0 +1,101 @@
+"""What to load and how to generate: plain, hashable values with no heavy imports."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+QUANTIZATIONS = (None, "8bit", "4bit")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Identity of a loaded model: the model cache key.
+
+    :param model: hub id or local folder.
+    :param revision: hub revision (branch, tag or commit).
+    :param dtype: ``auto`` means bf16 on GPU and fp32 on CPU.
+    :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes).
+    :param adapter: PEFT adapter (hub id or folder) loaded over the model.
+    :param merge_adapter: merge the adapter into the weights (not possible when quantized).
+    :param trust_remote_code: run code shipped with the model; off unless asked.
+    :param task: ``causal-lm``, ``seq2seq`` or ``classifier``: the Auto class to load with.
+    """
+
+    model: str
+    revision: str | None = None
+    dtype: str = "auto"
+    quantization: str | None = None
+    adapter: str | None = None
+    merge_adapter: bool = True
+    trust_remote_code: bool = False
+    task: str = "causal-lm"
+
+    def __post_init__(self):
+        quantization = normalize_quantization(self.quantization)
+        object.__setattr__(self, "quantization", quantization)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if quantization and self.adapter and self.merge_adapter:
+            # Merging LoRA weights into bitsandbytes weights loses precision: keep it separate.
+            object.__setattr__(self, "merge_adapter", False)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def normalize_quantization(value) -> str | None:
+    """The spec's ``quantization=True`` meant 8-bit; accept it, plus ``"8bit"``/``"4bit"``."""
+    if value in (None, False, "", "none"):
+        return None
+    if value is True:
+        return "8bit"
+    text = str(value).lower().replace("-", "")
+    if text in ("8bit", "int8"):
+        return "8bit"
+    if text in ("4bit", "nf4", "int4"):
+        return "4bit"
+    raise ValueError(f"quantization must be one of none, 8bit, 4bit (or True for 8bit), got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """The spec's generation parameters, with the spec's defaults.
+
+    ``min_length`` counts new tokens (the spec passed it to ``generate()``, where it also counted the
+    prompt and so depended on padding). ``length_penalty`` only matters with beam search.
+    """
+
+    max_new_tokens: int = 1024
+    do_sample: bool = True
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    min_length: int | None = None
+    use_cache: bool = True
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    length_penalty: float = 1.0
+    num_beams: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif self.stop is None:
+            object.__setattr__(self, "stop", ())
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "GenerationParams":
+        return dataclasses.replace(self, **changes)

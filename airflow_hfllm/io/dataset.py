@@ -1,0 +1,170 @@
+"""Reading Parquet input in deterministic chunks: one file, a folder or a glob, on any fsspec filesystem.
+
+Files are sorted by path and rows kept in file order, so chunk k always holds the same rows and a
+retry or a shard can find its work again. Files whose name starts with ``_`` or ``.`` are skipped,
+like every Parquet reader does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+
+class InputError(ValueError):
+    """The whole job cannot run: missing input, unreadable file, missing column, duplicate ids."""
+
+
+def to_fs(location: str, fs=None):
+    """``(filesystem, path)`` for a local path or fsspec URL; an explicit ``fs`` takes the path as is."""
+    if fs is not None:
+        return fs, location
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(str(location))
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    version: str  # etag or mtime: a changed file changes the job fingerprint
+    rows: int
+
+
+def _version(info: dict) -> str:
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _hidden(path: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith(("_", "."))
+
+
+def list_files(fs, path: str) -> list[str]:
+    if any(c in path for c in "*?["):
+        files = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        files = [p for p in fs.find(root) if not any(_hidden(part) for part in p[len(root):].split("/") if part)]
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise InputError(f"input not found: {path}")
+    if not files:
+        raise InputError(f"no input files at {path}")
+    return sorted(files)
+
+
+class Dataset:
+    """The input of one job. :meth:`open` checks everything that can be checked up front."""
+
+    def __init__(self, fs, location: str, files: list[InputFile], schema: pa.Schema):
+        self.fs = fs
+        self.location = location
+        self.files = files
+        self.schema = schema
+
+    @classmethod
+    def open(cls, location: str, fs=None, *, required: Sequence[str] = (), string_columns: Sequence[str] = (),
+             id_column: str | None = "id") -> "Dataset":
+        fs, path = to_fs(location, fs)
+        files, schema = [], None
+        for file in list_files(fs, path):
+            try:
+                with fs.open(file, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                    file_schema = meta.schema.to_arrow_schema()
+            except Exception as exc:
+                raise InputError(f"{file}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+            for column in required:
+                if column not in file_schema.names:
+                    raise InputError(
+                        f"{file}: missing column {column!r} (columns: {', '.join(file_schema.names)})"
+                    )
+            for column in string_columns:
+                typ = file_schema.field(column).type
+                if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)):
+                    raise InputError(f"{file}: column {column!r} is {typ}, expected string")
+            if id_column:
+                typ = file_schema.field(id_column).type
+                if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)):
+                    raise InputError(f"{file}: id column {id_column!r} is {typ}, expected string or integer")
+            files.append(InputFile(file, int(fs.size(file)), _version(fs.info(file)), meta.num_rows))
+            schema = schema or file_schema
+        dataset = cls(fs, location, files, schema)
+        if id_column:
+            dataset.check_ids(id_column)
+        return dataset
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def num_chunks(self, chunk_rows: int) -> int:
+        return -(-self.rows // chunk_rows)
+
+    def _read(self, file: InputFile, columns: Sequence[str] | None) -> pa.Table:
+        with self.fs.open(file.path, "rb") as f:
+            return pq.read_table(f, columns=list(columns) if columns else None)
+
+    def check_ids(self, id_column: str) -> None:
+        seen: dict = {}
+        duplicates: dict = {}
+        for file in self.files:
+            ids = self._read(file, [id_column]).column(id_column)
+            nulls = ids.null_count
+            if nulls:
+                row = pc.index(pc.is_null(ids), True).as_py()
+                raise InputError(f"{file.path}: column {id_column!r} has {nulls} null ids (first at row {row})")
+            for value in ids.to_pylist():
+                if value in seen:
+                    duplicates.setdefault(value, {seen[value]}).add(file.path)
+                else:
+                    seen[value] = file.path
+        if duplicates:
+            shown = ", ".join(f"{k!r} ({', '.join(sorted(v))})" for k, v in list(duplicates.items())[:5])
+            more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+            raise InputError(f"duplicate ids in column {id_column!r}: {shown}{more}")
+
+    def chunks(self, chunk_rows: int, columns: Sequence[str], wanted: set[int] | None = None
+               ) -> Iterator[tuple[int, pa.Table]]:
+        """``(k, table)`` for each chunk k of ``chunk_rows`` rows (the last may be shorter), in order;
+        with ``wanted``, only those chunks (files holding none of their rows are not read)."""
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        index = 0
+        offset = 0  # global row number of the first row of the current file
+        for file in self.files:
+            first_chunk, last_chunk = offset // chunk_rows, (offset + file.rows - 1) // chunk_rows
+            needed = file.rows and (wanted is None or any(k in wanted for k in range(first_chunk, last_chunk + 1)))
+            table = self._read(file, columns) if needed else None
+            start = 0
+            while start < file.rows:
+                take = min(chunk_rows - pending_rows, file.rows - start)
+                if table is not None:
+                    pending.append(table.slice(start, take))
+                pending_rows += take
+                start += take
+                if pending_rows == chunk_rows:
+                    if wanted is None or index in wanted:
+                        yield index, _concat(pending)
+                    pending, pending_rows, index = [], 0, index + 1
+            offset += file.rows
+        if pending_rows and (wanted is None or index in wanted):
+            yield index, _concat(pending)
+
+    def fingerprint(self) -> list[dict]:
+        return [{"path": f.path, "size": f.size, "version": f.version} for f in self.files]
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="permissive")

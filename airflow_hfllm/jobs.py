@@ -1,0 +1,406 @@
+"""A text generation job: read chunk -> check prompts -> generate -> check outputs -> write part -> manifest.
+
+Plain Python: the operator, the CLI and a notebook all build a :class:`TextJob` and call ``run()``.
+State lives in the output folder only (Airflow clears XCom on every attempt), so a retry skips the
+parts an earlier attempt committed with the same fingerprint and redoes at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
+from airflow_hfllm.engine.loading import HubOptions, get_model
+from airflow_hfllm.engine.prompts import PromptBuilder, RowError, checked_text, context_limit, encode
+from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
+from airflow_hfllm.io.manifest import add_counts, count, fingerprint, output_schema
+from airflow_hfllm.io.parts import OutputDir, part_name
+from airflow_hfllm.safety import SafetyChecker, judge, make_checker
+
+__all__ = ["Cancelled", "ErrorRateExceeded", "InputError", "TextJob"]
+
+FORMAT_VERSION = 1
+log = logging.getLogger("airflow_hfllm")
+
+
+class ErrorRateExceeded(RuntimeError):
+    """Everything was written, but too many rows ended in ``error``."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:6], "big")
+
+
+class Progress:
+    """Logs rows done/total, rows/s, output tok/s, ETA and unsafe counts every ``every`` seconds.
+    Counts and rates only: never prompt or output text."""
+
+    def __init__(self, logger, total: int, done: int, every: float):
+        self.log, self.total, self.done, self.every = logger, total, done, every
+        self.started = self.last = time.monotonic()
+        self.rows = self.tokens = 0
+        self.unsafe_prompt = self.unsafe_output = self.errors = 0
+
+    def batch(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        self.maybe_log()
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.rows / elapsed
+        done = min(self.done + self.rows, self.total)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        self.log.info(
+            "progress: %d/%d rows (%.0f%%), %.1f rows/s, %.0f output tok/s, ETA %.0f s, "
+            "unsafe prompts %d, unsafe outputs %d, errors %d",
+            done, self.total, 100 * done / max(self.total, 1), rate, self.tokens / elapsed, eta,
+            self.unsafe_prompt, self.unsafe_output, self.errors,
+        )
+
+
+@dataclass
+class TextJob:
+    """:param input: Parquet file, folder or glob (local path or fsspec URL; with ``input_fs``, a path
+        on that filesystem).
+    :param output: output folder (likewise, with ``output_fs``).
+    :param model: what to generate with.
+    :param params: generation parameters (``seed=None`` draws one seed, kept for retries).
+    :param id_column: unique join key.
+    :param prompt_column: string prompt; ``messages_column`` takes chat messages instead.
+    :param prompt_template: Jinja over the row, e.g. ``"Summarise: {{ row.text }}"``.
+    :param keep_columns: input columns copied to the output.
+    :param chunk_rows: rows per input chunk = per output part (the unit of retry).
+    :param batch_size: cap on rows per GPU batch; a token budget does the rest.
+    :param max_prompt_tokens: longest prompt accepted (the spec's ``max_padding_length``); default:
+        the model's context minus the row's ``max_new_tokens``.
+    :param safety_checkers: checkers or specs like ``"salesforce:MODEL"``.
+    :param on_unsafe_output: ``redact`` (output null) or ``keep``.
+    :param max_error_rate: fail after writing when more than this share of rows ended in error.
+    """
+
+    input: str
+    output: str
+    model: ModelSpec
+    params: GenerationParams = field(default_factory=GenerationParams)
+    input_fs: Any = None
+    output_fs: Any = None
+    id_column: str = "id"
+    prompt_column: str | None = "prompt"
+    messages_column: str | None = None
+    max_new_tokens_column: str = "max_new_tokens"
+    system_prompt: str | None = None
+    prompt_template: str | None = None
+    keep_columns: Sequence[str] = ()
+    chunk_rows: int = 1000
+    batch_size: int | None = None
+    token_budget: int | None = None
+    max_prompt_tokens: int | None = None
+    safety_checkers: Sequence[Any] = ()
+    on_unsafe_output: str = "redact"
+    max_error_rate: float = 0.05
+    hub: HubOptions | None = None
+    run_info: dict = field(default_factory=dict)
+    logger: Any = None
+    progress_every: float = 10.0
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        if self.on_unsafe_output not in ("redact", "keep"):
+            raise ValueError(f"on_unsafe_output must be 'redact' or 'keep', got {self.on_unsafe_output!r}")
+        if self.chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ValueError("max_error_rate must be between 0 and 1")
+        self.log = self.logger or log
+        self.prompts = PromptBuilder(self.prompt_column, self.messages_column, self.system_prompt,
+                                     self.prompt_template)
+        self.checkers: list[SafetyChecker] = [make_checker(c, self.hub) for c in self.safety_checkers]
+
+    def cancel(self) -> None:
+        """Ask the job to stop between batches; ``run()`` then raises :class:`Cancelled`."""
+        self.stop_event.set()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def open_input(self) -> Dataset:
+        required = [self.id_column, *self.prompts.input_columns(), *self.keep_columns]
+        strings = [self.prompt_column] if required and self.prompt_column in self.prompts.input_columns() else []
+        return Dataset.open(self.input, self.input_fs, required=required, string_columns=strings,
+                            id_column=self.id_column)
+
+    def _fingerprint(self, dataset: Dataset, seed) -> str:
+        return fingerprint({
+            "format": FORMAT_VERSION,
+            "input": dataset.fingerprint(),
+            "model": self.model.to_dict(),
+            "params": self.params.replace(seed=seed).to_dict(),
+            "safety": [c.fingerprint() for c in self.checkers],
+            "on_unsafe_output": self.on_unsafe_output,
+            "columns": [self.id_column, self.prompt_column, self.messages_column, self.max_new_tokens_column,
+                        list(self.keep_columns)],
+            "prompt": [self.system_prompt, self.prompt_template],
+            "chunk_rows": self.chunk_rows,
+            "max_prompt_tokens": self.max_prompt_tokens,
+        })
+
+    def _resume(self, out: OutputDir, dataset: Dataset) -> tuple[str, int, dict[int, dict]]:
+        """The fingerprint, the seed, and the parts already done; stale parts are deleted."""
+        seed = self.params.seed
+        fp = self._fingerprint(dataset, seed if seed is not None else "auto")
+        state = out.read_json("_job.json")
+        if state and state.get("fingerprint") == fp:
+            seed = state["seed"]
+        else:
+            if state:
+                self.log.info("output %s holds another job's parts (fingerprint changed): rebuilding", out.uri)
+                out.remove("_manifest.json")
+                out.remove("_attempts")
+            if seed is None:
+                seed = random.SystemRandom().randrange(2**31)
+            out.write_json("_job.json", {"fingerprint": fp, "seed": seed})
+        out.remove_temporaries()
+        n = dataset.num_chunks(self.chunk_rows)
+        done = {}
+        for index, record in out.commits().items():
+            if index < n and record.get("fingerprint") == fp and out.fs.exists(out.join(part_name(index))):
+                done[index] = record
+            else:
+                out.remove_part(index)
+        for index in out.part_indices() - set(done):
+            if index >= n:
+                out.remove_part(index)
+        return fp, seed, done
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started, t0 = _now(), time.monotonic()
+        dataset = self.open_input()
+        out_fs, out_path = to_fs(self.output, self.output_fs)
+        out = OutputDir(out_fs, out_path)
+        fp, seed, done = self._resume(out, dataset)
+        n_chunks = dataset.num_chunks(self.chunk_rows)
+        todo = set(range(n_chunks)) - set(done)
+        self.log.info("input: %d files, %d rows, %d chunks of %d rows; %d chunks already done, %d to do",
+                      len(dataset.files), dataset.rows, n_chunks, self.chunk_rows, len(done), len(todo))
+        attempt_name = f"_attempts/attempt-{started.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+        attempt = {"started": started, "finished": None, "host": socket.gethostname(), "pid": os.getpid(),
+                   "airflow": self.run_info, "parts_written": []}
+        out.write_json(attempt_name, attempt)
+
+        load_seconds, device, peak = 0.0, "none", None
+        this_attempt = dict.fromkeys(("rows", "output_tokens"), 0)
+        gen_seconds = 0.0
+        if todo:
+            t_load = time.monotonic()
+            loaded = get_model(self.model, self.hub)
+            for checker in self.checkers:
+                checker.load()
+            load_seconds = time.monotonic() - t_load
+            device = str(loaded.device)
+            self._reset_peak(loaded)
+            done_rows = sum(r["counts"]["rows"] for r in done.values())
+            progress = Progress(self.log, dataset.rows, done_rows, self.progress_every)
+            generator = BatchedGenerator(loaded, self.params, max_batch_size=self.batch_size,
+                                         token_budget=self.token_budget, should_stop=self.stop_event.is_set,
+                                         on_batch=progress.batch)
+            self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d)",
+                          device, generator.max_batch_size, generator.token_budget)
+            columns = list(dict.fromkeys([self.id_column, *self._row_columns(dataset), *self.keep_columns]))
+            t_gen = time.monotonic()
+            for index, table in dataset.chunks(self.chunk_rows, columns, wanted=todo):
+                if self.stop_event.is_set():
+                    raise Cancelled("stopped between chunks")
+                part = self._process(table, loaded, generator, chunk_seed(seed, index), progress,
+                                     self._schema_metadata(fp, seed, index))
+                counts = count(part.column("finish_reason").to_pylist(), part.column("prompt_tokens").to_pylist(),
+                               part.column("output_tokens").to_pylist())
+                record = {"fingerprint": fp, "part": part_name(index), "counts": counts, "written": _now()}
+                out.write_part(index, part, record)
+                done[index] = record
+                attempt["parts_written"].append(index)
+                this_attempt["rows"] += counts["rows"]
+                this_attempt["output_tokens"] += counts["output_tokens"]
+                progress.maybe_log()
+            gen_seconds = time.monotonic() - t_gen
+            progress.maybe_log(force=True)
+            peak = self._peak(loaded)
+
+        attempt.update(finished=_now(), seconds=round(time.monotonic() - t0, 3), **this_attempt)
+        out.write_json(attempt_name, attempt)
+        totals = add_counts(done[k] for k in sorted(done))
+        manifest = {
+            "output": out.uri,
+            "parts": [part_name(k) for k in sorted(done)],
+            "counts": totals,
+            "tokens": {"prompt": totals["prompt_tokens"], "output": totals["output_tokens"]},
+            "seconds": round(time.monotonic() - t0, 3),
+            "generate_seconds": round(gen_seconds, 3),
+            "output_tokens_per_second": round(this_attempt["output_tokens"] / gen_seconds, 1) if gen_seconds else None,
+            "load_seconds": round(load_seconds, 3),
+            "compile_seconds": 0.0,
+            "peak_gpu_memory_bytes": peak,
+            "engine": "batched-generate",
+            "device": device,
+            "model": self.model.to_dict(),
+            "generation": self.params.replace(seed=seed).to_dict(),
+            "safety": [c.fingerprint() for c in self.checkers],
+            "fingerprint": fp,
+            "seed": seed,
+            "input": {"location": str(self.input), "files": len(dataset.files), "rows": dataset.rows},
+            "chunk_rows": self.chunk_rows,
+            "started": started,
+            "finished": _now(),
+            "attempts": out.attempts(),
+            "airflow": self.run_info or None,
+        }
+        out.write_json("_manifest.json", manifest)
+        self.log.info("wrote %d parts, %d rows (%d generated, %d unsafe prompts, %d unsafe outputs, %d errors) to %s",
+                      len(done), totals["rows"], totals["generated"], totals["unsafe_prompt"],
+                      totals["unsafe_output"], totals["errors"], out.uri)
+        if totals["rows"] and totals["errors"] / totals["rows"] > self.max_error_rate:
+            raise ErrorRateExceeded(
+                f"{totals['errors']} of {totals['rows']} rows ended in error, over max_error_rate="
+                f"{self.max_error_rate}; see the 'error' column in {out.uri}"
+            )
+        return manifest
+
+    def _row_columns(self, dataset: Dataset) -> list[str]:
+        if self.prompt_template:  # the template may read any column
+            return list(dataset.schema.names)
+        columns = self.prompts.input_columns()
+        if self.max_new_tokens_column in dataset.schema.names:
+            columns.append(self.max_new_tokens_column)
+        return columns
+
+    def _schema_metadata(self, fp: str, seed: int, index: int) -> dict:
+        return {"fingerprint": fp, "part": index, "model": self.model.to_dict(),
+                "generation": self.params.replace(seed=seed).to_dict(), "format": FORMAT_VERSION}
+
+    # -- one chunk -----------------------------------------------------------------------------
+    def _process(self, table: pa.Table, loaded, generator: BatchedGenerator, seed: int, progress: Progress,
+                 metadata: dict) -> pa.Table:
+        rows = table.to_pylist()
+        n = len(rows)
+        output: list[str | None] = [None] * n
+        finish: list[str | None] = [None] * n
+        error: list[str | None] = [None] * n
+        prompt_safe: list[bool | None] = [None] * n
+        output_safe: list[bool | None] = [None] * n
+        prompt_safety: list[list] = [[] for _ in range(n)]
+        output_safety: list[list] = [[] for _ in range(n)]
+        prompt_tokens, output_tokens = [0] * n, [0] * n
+
+        def fail(i: int, message: str) -> None:
+            error[i], finish[i] = message, "error"
+
+        messages: list = [None] * n
+        for i, row in enumerate(rows):
+            try:
+                messages[i] = self.prompts.messages(row)
+            except RowError as exc:
+                fail(i, str(exc))
+        live = [i for i in range(n) if finish[i] is None]
+        prompt_texts = {i: checked_text(messages[i]) for i in live}
+
+        if self.checkers:
+            for i, judgement in zip(live, judge(self.checkers, [prompt_texts[i] for i in live], "prompt")):
+                prompt_safety[i] = [v.to_dict() for v in judgement.verdicts]
+                prompt_safe[i] = judgement.safe
+                if judgement.error:
+                    fail(i, judgement.error)
+                elif judgement.safe is False:
+                    finish[i] = "unsafe_prompt"
+                    progress.unsafe_prompt += 1
+            live = [i for i in live if finish[i] is None]
+
+        limit_model = context_limit(loaded.model)
+        requests = {}
+        for i in live:
+            ids = encode(loaded.tokenizer, messages[i])
+            prompt_tokens[i] = len(ids)
+            new = self._max_new_tokens(rows[i])
+            limit = self.max_prompt_tokens or ((limit_model - new) if limit_model else None)
+            if limit is not None and len(ids) > limit:
+                fail(i, f"prompt has {len(ids)} tokens, over the limit of {limit}"
+                        f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
+                continue
+            requests[i] = Request(ids, new)
+        order = list(requests)
+        completions = generator.generate([requests[i] for i in order], seed=seed) if order else []
+        generated = []
+        for i, done in zip(order, completions):
+            if done.finish_reason == "error":
+                fail(i, done.error)
+                continue
+            output[i], finish[i], output_tokens[i] = done.text, done.finish_reason, done.output_tokens
+            generated.append(i)
+
+        if self.checkers and generated:
+            judgements = judge(self.checkers, [output[i] for i in generated], "output",
+                               context=[prompt_texts[i] for i in generated])
+            for i, judgement in zip(generated, judgements):
+                output_safety[i] = [v.to_dict() for v in judgement.verdicts]
+                output_safe[i] = judgement.safe
+                if judgement.error:
+                    output[i] = None
+                    fail(i, judgement.error)
+                elif judgement.safe is False:
+                    finish[i] = "unsafe_output"
+                    progress.unsafe_output += 1
+                    if self.on_unsafe_output == "redact":
+                        output[i] = None
+        progress.errors += finish.count("error")
+
+        id_field = table.schema.field(self.id_column)
+        keep = [table.schema.field(c) for c in self.keep_columns]
+        schema = output_schema(id_field.type, keep, metadata)
+        columns = {
+            "id": table.column(self.id_column),
+            "output": output, "finish_reason": finish,
+            "prompt_safe": prompt_safe, "output_safe": output_safe,
+            "prompt_safety": prompt_safety, "output_safety": output_safety,
+            "error": error, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+            **{c: table.column(c) for c in self.keep_columns},
+        }
+        return pa.table([pa.array(columns[f.name], f.type) if isinstance(columns[f.name], list)
+                         else columns[f.name].cast(f.type) for f in schema], schema=schema)
+
+    def _max_new_tokens(self, row: dict) -> int:
+        value = row.get(self.max_new_tokens_column)
+        if value is None:
+            return self.params.max_new_tokens
+        return max(1, int(value))
+
+    @staticmethod
+    def _reset_peak(loaded) -> None:
+        import torch
+
+        if loaded.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(loaded.device)
+
+    @staticmethod
+    def _peak(loaded) -> int | None:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(loaded.device)) if loaded.device.type == "cuda" else None

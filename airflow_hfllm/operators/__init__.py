@@ -1,0 +1,3 @@
+from airflow_hfllm.operators.text import HFTextGenerateOperator
+
+__all__ = ["HFTextGenerateOperator"]

@@ -1,0 +1,113 @@
+"""The safety-checker interface and running several checkers over a batch of texts."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Sequence
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["prompt", "output"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One checker's judgement of one text. ``score`` is the probability of unsafe, when known."""
+
+    checker: str
+    safe: bool
+    score: float | None = None
+    categories: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["categories"] = list(self.categories)
+        return d
+
+
+class SafetyChecker(ABC):
+    """Judges texts in batches. Subclasses load their model lazily, through the model cache.
+
+    ``check(texts, kind, context)`` returns one :class:`Verdict` per text; for output checks
+    ``context`` holds the prompts the outputs answer. Raise to say a batch could not be judged:
+    the rows are then retried one by one, and those that still fail become ``error`` rows, never safe.
+    """
+
+    name: str = "checker"
+
+    def load(self) -> None:
+        """Load models up front, so a checker that cannot load fails the job before any work."""
+
+    @abstractmethod
+    def check(self, texts: Sequence[str], kind: Kind, context: Sequence[str] | None = None) -> list[Verdict]:
+        ...
+
+    def fingerprint(self) -> dict:
+        """What changes verdicts: part of the job fingerprint."""
+        return {"checker": self.name}
+
+
+@dataclass
+class Judgement:
+    """All checkers' verdicts for one text, or the error that kept it from being judged."""
+
+    verdicts: list[Verdict] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def safe(self) -> bool | None:
+        if self.error is not None or not self.verdicts:
+            return None
+        return all(v.safe for v in self.verdicts)
+
+
+def judge(
+    checkers: Sequence[SafetyChecker],
+    texts: Sequence[str],
+    kind: Kind,
+    context: Sequence[str] | None = None,
+) -> list[Judgement]:
+    """Run every checker over ``texts``; a text is unsafe if any checker says so."""
+    results = [Judgement() for _ in texts]
+    if not texts:
+        return results
+    for checker in checkers:
+        verdicts = _check_isolating_failures(checker, texts, kind, context)
+        for judgement, verdict in zip(results, verdicts):
+            if isinstance(verdict, Verdict):
+                judgement.verdicts.append(verdict)
+            elif judgement.error is None:
+                judgement.error = verdict
+    for judgement in results:
+        if judgement.error is not None:
+            judgement.verdicts = []
+    return results
+
+
+def _check_isolating_failures(checker, texts, kind, context) -> list[Verdict | str]:
+    try:
+        verdicts = checker.check(list(texts), kind, list(context) if context is not None else None)
+        if len(verdicts) != len(texts):
+            raise RuntimeError(f"returned {len(verdicts)} verdicts for {len(texts)} texts")
+        return verdicts
+    except Exception as exc:
+        if len(texts) == 1:
+            log.warning("safety checker %s failed on one %s: %s", checker.name, kind, type(exc).__name__)
+            return [f"safety checker {checker.name} failed: {type(exc).__name__}: {exc}"]
+        log.warning("safety checker %s failed on a batch of %d; retrying row by row", checker.name, len(texts))
+    out = []
+    for n, text in enumerate(texts):
+        ctx = [context[n]] if context is not None else None
+        out.extend(_check_isolating_failures(checker, [text], kind, ctx))
+    return out
+
+
+def windows(ids: list[int], size: int, overlap: int = 32) -> list[list[int]]:
+    """Split token ids into windows of at most ``size`` (overlapping a little, so a phrase cut at a
+    window edge is still seen whole once). Checkers judge long texts as unsafe if any window is."""
+    if len(ids) <= size:
+        return [ids]
+    step = max(1, size - overlap)
+    return [ids[start:start + size] for start in range(0, max(1, len(ids) - overlap), step)]
