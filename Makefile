@@ -1,0 +1,24 @@
+# Both targets create (or reuse) the virtual environment in .venv.
+# torch is installed first and pinned to the CPU build found on these machines: any other torch
+# requirement would pull gigabytes of CUDA packages. GPU workers install their CUDA torch instead.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf .demo .pytest_cache
