@@ -95,7 +95,9 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,50 @@
+import os
+
+# Before torch is imported anywhere: tiny models gain nothing from threads, and two busy OpenMP pools
+# on a 2-core machine slow generation down a hundredfold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+WORDS = ("river", "engine", "market", "garden", "signal", "yellow", "quiet", "planet", "number", "window",
+         "silver", "forest", "bridge", "letter", "winter", "coffee", "rocket", "pencil", "castle", "thunder")
+
+
+def prompt_text(i: int) -> str:
+    """Deterministic prompts of mixed length (3 to ~120 words)."""
+    n = 3 + (i * 37) % 120
+    return " ".join(WORDS[(i * 7 + k * k + k * i) % len(WORDS)] for k in range(n)) + f" #{i}"
+
+
+def write_prompts(path, n: int, start: int = 0, **extra) -> pd.DataFrame:
+    df = pd.DataFrame({"id": list(range(start, start + n)), "prompt": [prompt_text(i) for i in range(start, start + n)]})
+    for name, values in extra.items():
+        df[name] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(path, index=False)
+    return df
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny models built offline once per session, loaded through from_pretrained by the tests."""
+    from airflow_hfllm.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    built = {}
+
+    def get(kind: str = "causal-lm", verdict: str | None = None):
+        key = (kind, verdict)
+        if key not in built:
+            built[key] = make_tiny_model(root / f"{kind}-{verdict or 'random'}", kind, verdict=verdict)
+        return str(built[key])
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(models):
+    return models("causal-lm")
