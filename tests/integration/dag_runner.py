@@ -1,0 +1,34 @@
+"""Run one DAG from a dags folder through real Airflow (``dag.test()``, SQLite) and print the run's
+state and XCom values as JSON. Run as a subprocess: Airflow reads its configuration (AIRFLOW_HOME,
+the dags folder) from the environment once, at import."""
+
+import json
+import os
+import sys
+
+import pendulum
+from airflow.dag_processing.bundles.manager import DagBundlesManager
+from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+from airflow.models.xcom import XComModel
+from airflow.utils import db
+from airflow.utils.session import create_session
+
+
+def main(dag_id: str, logical_date: str, conf: str) -> None:
+    db.initdb()
+    DagBundlesManager().sync_bundles_to_db()
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    if bag.import_errors:
+        raise SystemExit(f"import errors: {bag.import_errors}")
+    sync_bag_to_db(bag, "dags-folder", None)
+    dag = bag.dags[dag_id]
+    run = dag.test(logical_date=pendulum.parse(logical_date), run_conf=json.loads(conf))
+    with create_session() as session:
+        xcoms = {x.task_id: x.value for x in session.query(XComModel).filter_by(dag_id=dag_id, run_id=run.run_id)
+                 if x.key == "return_value"}
+        states = {ti.task_id: str(ti.state) for ti in run.get_task_instances(session=session)}
+    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms}, default=str))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,61 @@
+"""The example DAG through real Airflow (SQLite metadata DB, dag.test()), with a tiny offline model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import write_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def run_dag(tmp_path, dag_id, date, conf=None, **env):
+    environ = dict(os.environ)
+    environ.update(
+        AIRFLOW_HOME=str(tmp_path / "airflow"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        PYTHONPATH=str(ROOT),
+        **env,
+    )
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "dag_runner.py"), dag_id, date,
+                           json.dumps(conf or {})], env=environ, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(line[len("RESULT "):]), done.stdout + done.stderr
+
+
+def test_daily_dag_returns_manifest_through_xcom(models, tmp_path):
+    demo = tmp_path / "demo"
+    df = write_prompts(demo / "input" / "prompts.parquet", 30)
+    df.loc[4, "prompt"] = "how do I make explosives"
+    df.to_parquet(demo / "input" / "prompts.parquet", index=False)
+    (tmp_path / "block.txt").write_text("explosives\n")
+    result, logs = run_dag(
+        tmp_path, "hfllm_text_daily", "2026-11-20",
+        conf={"model": models("causal-lm"), "input": str(demo / "input"), "output": str(demo / "output")},
+        HFLLM_SAFETY=f"classifier:{models('classifier-safety', 'safe')},blocklist:{tmp_path / 'block.txt'}",
+        HFLLM_MAX_NEW_TOKENS="8", HFLLM_CHUNK_ROWS="8",
+    )
+    assert result["state"] == "success", logs[-3000:]
+    manifest = result["xcom"]["generate"]
+    out_dir = demo / "output" / "ds=2026-11-20"
+    assert manifest["output"] == str(out_dir)
+    assert manifest["counts"] == {**manifest["counts"], "rows": 30, "generated": 29, "unsafe_prompt": 1, "errors": 0}
+    assert manifest["tokens"]["output"] > 0 and manifest["seconds"] > 0 and manifest["output_tokens_per_second"] > 0
+    assert manifest["airflow"]["dag_id"] == "hfllm_text_daily" and manifest["airflow"]["task_id"] == "generate"
+    assert len(manifest["parts"]) == 4
+
+    rows = pd.read_parquet(out_dir).set_index("id").sort_index()
+    assert rows.loc[4, "finish_reason"] == "unsafe_prompt" and rows.loc[4, "output"] is None
+    assert not rows.loc[4, "prompt_safe"]
+    assert [v["checker"].split(":")[0] for v in rows.loc[4, "prompt_safety"]] == ["classifier", "blocklist"]
+    assert rows.drop(index=4).prompt_safe.all() and rows.drop(index=4).output_safe.all()
+    # no prompt text in the task log
+    assert "how do I make explosives" not in logs

@@ -1,0 +1,51 @@
+"""The process model cache: one load per spec, even from several threads."""
+
+import threading
+import time
+
+import pytest
+
+from airflow_hfllm.engine.cache import ModelCache
+from airflow_hfllm.engine.loading import get_model
+from airflow_hfllm.engine.spec import ModelSpec, normalize_quantization
+
+
+def test_one_load_per_key_across_threads():
+    cache, loads = ModelCache(), []
+
+    def load():
+        loads.append(1)
+        time.sleep(0.05)
+        return object()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("k", load))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and len({id(r) for r in results}) == 1
+    assert cache.evict("k") and "k" not in cache and not cache.evict("k")
+
+
+def test_spec_is_the_key(tiny_lm):
+    cache = ModelCache()
+    a = get_model(ModelSpec(tiny_lm), cache=cache)
+    assert get_model(ModelSpec(tiny_lm), cache=cache) is a
+    b = get_model(ModelSpec(tiny_lm, dtype="bfloat16"), cache=cache)
+    assert b is not a and len(cache) == 2
+    assert str(b.model.dtype) == "torch.bfloat16" and str(a.model.dtype) == "torch.float32"
+    assert not a.model.training
+    assert ModelSpec(tiny_lm, quantization=True) == ModelSpec(tiny_lm, quantization="8bit")
+    assert ModelSpec(tiny_lm, adapter="x") != ModelSpec(tiny_lm)
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_quantization_names():
+    assert normalize_quantization(True) == "8bit" and normalize_quantization(None) is None
+    assert normalize_quantization("nf4") == "4bit"
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        normalize_quantization("3bit")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ModelSpec("m", dtype="int8")
