@@ -50,7 +50,7 @@ def _text_parser(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--cache-dir", default=None, help="HF cache folder (default: HF_HOME)")
     p.add_argument("--local-files-only", action="store_true")
-    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
 
 
 def run_text(args) -> int:

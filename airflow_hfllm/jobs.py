@@ -123,7 +123,7 @@ class TextJob:
     hub: HubOptions | None = None
     run_info: dict = field(default_factory=dict)
     logger: Any = None
-    progress_every: float = 10.0
+    progress_every: float = 5.0
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):

@@ -114,7 +114,7 @@ class HFTextGenerateOperator(BaseOperator):
         trust_remote_code: bool = False,
         hf_conn_id: str | None = HuggingFaceHook.default_conn_name,
         max_error_rate: float = 0.05,
-        progress_every: float = 10.0,
+        progress_every: float = 5.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
