@@ -38,6 +38,8 @@ def _text_parser(sub) -> None:
     p.add_argument("--chunk-rows", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=None, help="cap on rows per batch")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--engine", choices=("auto", "fast", "batched"), default="auto",
+                   help="auto: the fast engine on a GPU when the model allows, else batched generate()")
     p.add_argument("--max-error-rate", type=float, default=0.05)
     p.add_argument("--safety", action="append", default=[], metavar="KIND:MODEL",
                    help="safety checker: salesforce:MODEL, classifier:MODEL or blocklist:FILE (repeatable)")
@@ -81,6 +83,7 @@ def run_text(args) -> int:
         safety_checkers=args.safety,
         on_unsafe_output=args.on_unsafe_output,
         max_error_rate=args.max_error_rate,
+        engine=args.engine,
         hub=hub,
         progress_every=args.progress_every,
     )

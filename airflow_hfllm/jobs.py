@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, checked_text, context_limit, encode
@@ -98,6 +99,8 @@ class TextJob:
     :param safety_checkers: checkers or specs like ``"salesforce:MODEL"``.
     :param on_unsafe_output: ``redact`` (output null) or ``keep``.
     :param max_error_rate: fail after writing when more than this share of rows ended in error.
+    :param engine: ``auto`` (the fast engine on a GPU when the model allows, else batched
+        ``generate()``), ``fast`` or ``batched``.
     """
 
     input: str
@@ -120,6 +123,7 @@ class TextJob:
     safety_checkers: Sequence[Any] = ()
     on_unsafe_output: str = "redact"
     max_error_rate: float = 0.05
+    engine: str = "auto"
     hub: HubOptions | None = None
     run_info: dict = field(default_factory=dict)
     logger: Any = None
@@ -127,6 +131,8 @@ class TextJob:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
+        if self.engine not in ("auto", "fast", "batched"):
+            raise ValueError(f"engine must be 'auto', 'fast' or 'batched', got {self.engine!r}")
         if self.on_unsafe_output not in ("redact", "keep"):
             raise ValueError(f"on_unsafe_output must be 'redact' or 'keep', got {self.on_unsafe_output!r}")
         if self.chunk_rows < 1:
@@ -208,7 +214,7 @@ class TextJob:
                    "airflow": self.run_info, "parts_written": []}
         out.write_json(attempt_name, attempt)
 
-        load_seconds, device, peak = 0.0, "none", None
+        load_seconds, device, peak, generator, engine_name = 0.0, "none", None, None, None
         this_attempt = dict.fromkeys(("rows", "output_tokens"), 0)
         gen_seconds = 0.0
         if todo:
@@ -221,18 +227,15 @@ class TextJob:
             self._reset_peak(loaded)
             done_rows = sum(r["counts"]["rows"] for r in done.values())
             progress = Progress(self.log, dataset.rows, done_rows, self.progress_every)
-            generator = BatchedGenerator(loaded, self.params, max_batch_size=self.batch_size,
-                                         token_budget=self.token_budget, should_stop=self.stop_event.is_set,
-                                         on_batch=progress.batch)
-            self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d)",
-                          device, generator.max_batch_size, generator.token_budget)
+            generator = self._generator(loaded, progress)
             columns = list(dict.fromkeys([self.id_column, *self._row_columns(dataset), *self.keep_columns]))
             t_gen = time.monotonic()
             for index, table in dataset.chunks(self.chunk_rows, columns, wanted=todo):
                 if self.stop_event.is_set():
                     raise Cancelled("stopped between chunks")
-                part = self._process(table, loaded, generator, chunk_seed(seed, index), progress,
-                                     self._schema_metadata(fp, seed, index))
+                part = self._process(table, loaded, generator,
+                                     seed if isinstance(generator, FastEngine) else chunk_seed(seed, index),
+                                     progress, self._schema_metadata(fp, seed, index))
                 counts = count(part.column("finish_reason").to_pylist(), part.column("prompt_tokens").to_pylist(),
                                part.column("output_tokens").to_pylist())
                 record = {"fingerprint": fp, "part": part_name(index), "counts": counts, "written": _now()}
@@ -245,6 +248,7 @@ class TextJob:
             gen_seconds = time.monotonic() - t_gen
             progress.maybe_log(force=True)
             peak = self._peak(loaded)
+            engine_name = "fast" if isinstance(generator, FastEngine) else "batched-generate"
 
         attempt.update(finished=_now(), seconds=round(time.monotonic() - t0, 3), **this_attempt)
         out.write_json(attempt_name, attempt)
@@ -258,9 +262,9 @@ class TextJob:
             "generate_seconds": round(gen_seconds, 3),
             "output_tokens_per_second": round(this_attempt["output_tokens"] / gen_seconds, 1) if gen_seconds else None,
             "load_seconds": round(load_seconds, 3),
-            "compile_seconds": 0.0,
+            "compile_seconds": round(getattr(generator, "capture_seconds", 0.0), 3) if todo else 0.0,
             "peak_gpu_memory_bytes": peak,
-            "engine": "batched-generate",
+            "engine": engine_name,
             "device": device,
             "model": self.model.to_dict(),
             "generation": self.params.replace(seed=seed).to_dict(),
@@ -284,6 +288,24 @@ class TextJob:
                 f"{self.max_error_rate}; see the 'error' column in {out.uri}"
             )
         return manifest
+
+    def _generator(self, loaded, progress: Progress):
+        reason = "asked for" if self.engine == "batched" else unsupported_reason(loaded)
+        if reason is None and self.engine == "auto" and loaded.device.type != "cuda":
+            reason = "no GPU (the fast engine's CUDA graphs need one)"
+        if reason is None:
+            self.log.info("engine: fast (continuous batching, static KV cache%s) on %s",
+                          ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
+            return FastEngine(loaded, self.params, slots=self.batch_size, should_stop=self.stop_event.is_set,
+                              on_batch=progress.batch)
+        if self.engine == "fast":
+            raise ValueError(f"engine='fast' cannot run {self.model.model}: {reason}")
+        generator = BatchedGenerator(loaded, self.params, max_batch_size=self.batch_size,
+                                     token_budget=self.token_budget, should_stop=self.stop_event.is_set,
+                                     on_batch=progress.batch)
+        self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
+                      loaded.device, generator.max_batch_size, generator.token_budget, reason)
+        return generator
 
     def _row_columns(self, dataset: Dataset) -> list[str]:
         if self.prompt_template:  # the template may read any column
@@ -347,7 +369,9 @@ class TextJob:
                 continue
             requests[i] = Request(ids, new)
         order = list(requests)
-        completions = generator.generate([requests[i] for i in order], seed=seed) if order else []
+        keys = table.column(self.id_column).to_pylist()
+        completions = generator.generate([requests[i] for i in order], seed=seed,
+                                         keys=[keys[i] for i in order]) if order else []
         generated = []
         for i, done in zip(order, completions):
             if done.finish_reason == "error":

@@ -38,6 +38,12 @@ class Completion:
     error: str | None = None
 
 
+def cut_at_stop(text: str, finish: str, stop: Sequence[str]) -> tuple[str, str]:
+    """The text before the first stop string (which is not included), as the OpenAI API does."""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
 def eos_ids(loaded: LoadedModel) -> list[int]:
     ids = loaded.model.generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
@@ -109,7 +115,10 @@ class BatchedGenerator:
             batches.append(current)
         return batches
 
-    def generate(self, requests: Sequence[Request], seed: int | None = None) -> list[Completion]:
+    def generate(self, requests: Sequence[Request], seed: int | None = None, keys: Sequence | None = None
+                 ) -> list[Completion]:
+        """Completions in order. Sampling is seeded once per call: a row's sample depends on its batch
+        (``keys`` are accepted for the fast engine's interface and not used)."""
         import torch
 
         if seed is not None:
@@ -194,10 +203,7 @@ class BatchedGenerator:
             ids, finish = ids[:max_new_tokens], "length"
         text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
         count = len(ids)
-        if self.params.stop:
-            cut = min((text.find(s) for s in self.params.stop if s in text), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
+        text, finish = cut_at_stop(text, finish, self.params.stop)
         if finish == "length" and count < max_new_tokens:
             finish = "stop"
         return Completion(text, count, finish)

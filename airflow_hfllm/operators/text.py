@@ -65,6 +65,8 @@ class HFTextGenerateOperator(BaseOperator):
     :param merge_adapter: merge the PEFT adapter into the weights (not when quantized).
     :param trust_remote_code: run code shipped with the model (off by default).
     :param hf_conn_id: ``huggingface`` connection: token, cache dir, offline flag.
+    :param engine: ``auto`` (fast engine on a GPU when the model allows, else batched ``generate()``),
+        ``fast`` or ``batched``.
     :param max_error_rate: fail the task (after writing) when more rows than this share end in error.
     :param progress_every: seconds between progress lines in the task log.
     """
@@ -114,6 +116,7 @@ class HFTextGenerateOperator(BaseOperator):
         trust_remote_code: bool = False,
         hf_conn_id: str | None = HuggingFaceHook.default_conn_name,
         max_error_rate: float = 0.05,
+        engine: str = "auto",
         progress_every: float = 5.0,
         **kwargs,
     ):
@@ -153,6 +156,7 @@ class HFTextGenerateOperator(BaseOperator):
         self.trust_remote_code = trust_remote_code
         self.hf_conn_id = hf_conn_id
         self.max_error_rate = max_error_rate
+        self.engine = engine
         self.progress_every = progress_every
         self._job = None
 
@@ -208,6 +212,7 @@ class HFTextGenerateOperator(BaseOperator):
             safety_checkers=self._checkers(),
             on_unsafe_output=self.on_unsafe_output,
             max_error_rate=self.max_error_rate,
+            engine=self.engine,
             hub=self.hook.get_conn(),
             run_info=self._run_info(context),
             logger=self.log,

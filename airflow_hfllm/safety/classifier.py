@@ -42,7 +42,8 @@ class ClassifierChecker(SafetyChecker):
         self._multi_label = loaded.model.config.problem_type == "multi_label_classification"
         limit = getattr(loaded.tokenizer, "model_max_length", 512) or 512
         limit = min(limit, getattr(loaded.model.config, "max_position_embeddings", limit) or limit, 4096)
-        self._room = limit - loaded.tokenizer.num_special_tokens_to_add(pair=False)
+        self._limit = limit
+        self._room = limit - len(loaded.tokenizer("")["input_ids"])  # minus the special tokens it adds
         return loaded
 
     def check(self, texts: Sequence[str], kind: Kind, context=None) -> list[Verdict]:
@@ -53,7 +54,8 @@ class ClassifierChecker(SafetyChecker):
         inputs, owner = [], []
         for n, text in enumerate(texts):
             for window in windows(tok(text, add_special_tokens=False)["input_ids"], self._room):
-                inputs.append(tok.build_inputs_with_special_tokens(window))
+                # decode + encode adds the model's own special tokens, whatever the tokenizer class
+                inputs.append(tok(tok.decode(window), truncation=True, max_length=self._limit)["input_ids"])
                 owner.append(n)
         probs = []
         for start in range(0, len(inputs), self.batch_size):

@@ -1,0 +1,412 @@
+"""The fast engine: continuous batching over a static KV cache, decode steps replayed as a CUDA graph.
+
+``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest
+row. Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting
+row is prefilled into it, so the batch stays full. One decode step is the model's own modules (its
+norms, projections, MLP and rotary embedding, so the math is the model's) over a KV cache of fixed
+shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are
+captured once into a CUDA graph and replayed, so the host launches one graph instead of thousands of
+kernels. Sampling (temperature, top-k, top-p, repetition penalty) happens on the device with a
+counter-based hash as its random source: row r's token at step t depends on (seed, row id, t) only, so
+a row's sample does not depend on what it was batched with, and no host sync is needed per step.
+The host syncs once per graph replay to harvest finished rows and admit new ones.
+
+The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache.
+Supported: Llama/Qwen2/Mistral-style decoders, unquantized, adapters merged. Anything else takes the
+batched ``generate()`` path (``engine/generate.py``), and the job logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import Callable, Sequence
+
+from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
+from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.spec import GenerationParams
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MASK64 = (1 << 63) - 1
+
+
+def unsupported_reason(loaded: LoadedModel) -> str | None:
+    """Why the fast engine cannot run this model, or ``None`` when it can."""
+    model = loaded.model
+    cfg = model.config
+    if cfg.model_type not in ARCHITECTURES:
+        return f"architecture {cfg.model_type!r} is not one of {ARCHITECTURES}"
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or \
+            getattr(cfg, "quantization_config", None):
+        return "quantized weights"
+    if type(model).__name__.startswith("Peft"):
+        return "unmerged PEFT adapter"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ROPE_TYPES:
+        return f"rope type {rope.get('rope_type')!r}"
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model.model, "rotary_emb"):
+        return "unexpected module layout"
+    return None
+
+
+def row_seed(seed: int, key) -> int:
+    """A 63-bit seed for one row, from the job seed and the row's id."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") & MASK64
+
+
+def _mix(x):
+    """splitmix64 finaliser on int64 tensors (wrapping arithmetic): a counter-based hash."""
+    x = x ^ (x >> 31 & 0x1FFFFFFFF)
+    x = x * -7723592293110705685  # 0x94D049BB133111EB as int64
+    x = x ^ (x >> 29 & 0x7FFFFFFFF)
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    x = x ^ (x >> 32 & 0xFFFFFFFF)
+    return x
+
+
+def rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FastEngine:
+    """Completions for many requests at once; see the module docstring.
+
+    :param slots: rows decoding together; default from free GPU memory (capped at 256), 16 on CPU.
+    :param steps_per_sync: decode steps per graph replay between host syncs.
+    :param prefill_tokens: tokens (rows x longest prompt) per prefill call.
+    :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
+    """
+
+    def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
+                 steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
+                 should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
+        reason = unsupported_reason(loaded)
+        if reason:
+            raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
+        if params.num_beams != 1:
+            raise ValueError("fast engine does not do beam search")
+        import torch
+
+        self.loaded, self.params = loaded, params
+        self.model = loaded.model
+        self.device = next(self.model.parameters()).device
+        self.dtype = self.model.get_input_embeddings().weight.dtype
+        cfg = self.model.config
+        self.layers = list(self.model.model.layers)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.eos = eos_ids(loaded)
+        self.max_slots = slots
+        self.steps_per_sync = steps_per_sync
+        self.prefill_tokens = prefill_tokens
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self.should_stop = should_stop or (lambda: False)
+        self.on_batch = on_batch or (lambda rows, tokens: None)
+        self.capture_seconds = 0.0
+        self.per_row_seeds = True
+        self._shape = None  # (slots, max_len) of the allocated state
+        self._graph = None
+        self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
+
+    # -- sizing ------------------------------------------------------------------------------------
+    def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
+        """(slots, max_len): max_len fits the longest row, rounded up so later chunks reuse the graph."""
+        import torch
+
+        need = max(len(r.input_ids) + r.max_new_tokens for r in requests)
+        max_len = 1 << max(6, math.ceil(math.log2(need)))
+        if self._shape and self._shape[1] >= need:
+            return self._shape
+        if self.max_slots:
+            slots = self.max_slots
+        elif self.device.type == "cuda":
+            self._release()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            per_slot = max_len * kv_bytes_per_token(self.model, self.dtype) + self.vocab * 8
+            # Leave room for prefill activations and the allocator.
+            slots = int(max(0, free - 6 * 2**30) * 0.85 // per_slot)
+            slots = max(8, min(256, slots // 8 * 8))
+        else:
+            slots = 16
+        return slots, max_len
+
+    def _release(self) -> None:
+        self._graph = None
+        self._shape = None
+        for name in ("k_cache", "v_cache", "presence", "out"):
+            if hasattr(self, name):
+                delattr(self, name)
+        from airflow_hfllm.engine.cache import free_memory
+
+        free_memory()
+
+    def _allocate(self, slots: int, max_len: int) -> None:
+        import torch
+
+        if self._shape == (slots, max_len):
+            return
+        self._release()
+        dev, n = self.device, len(self.layers)
+        shape = (slots, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(n)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(n)]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # last token, input of the next step
+        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)  # its position
+        self.n_gen = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.max_new = torch.ones(slots, dtype=torch.long, device=dev)
+        self.done = torch.ones(slots, dtype=torch.bool, device=dev)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.out = torch.zeros((slots, max_len), dtype=torch.long, device=dev)
+        self.presence = (torch.zeros((slots, self.vocab), dtype=torch.bool, device=dev)
+                         if self.params.repetition_penalty != 1.0 else None)
+        self.arange_slots = torch.arange(slots, device=dev)
+        self.arange_len = torch.arange(max_len, device=dev)
+        self.arange_vocab = torch.arange(self.vocab, device=dev)
+        self._shape = (slots, max_len)
+        log.info("fast engine: %d slots x %d tokens of KV cache (%.1f GiB)", slots, max_len,
+                 2 * n * slots * max_len * self.kv_heads * self.head_dim * self.k_cache[0].element_size() / 2**30)
+
+    # -- the model -----------------------------------------------------------------------------------
+    def _attention_block(self, layer, x, cos, sin, write, attend):
+        """x: [n, T, D]. ``write(l, k, v)`` stores this step's keys/values and ``attend(l, q)`` returns
+        the attention output [n, H, T, hd]."""
+        n, t, _ = x.shape
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        write(attn.layer_idx, k, v)
+        o = attend(attn.layer_idx, q, k, v, attn.scaling)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, self.heads * self.head_dim))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _prefill(self, ids, lengths, slot_idx):
+        """ids [n, T] right-padded prompts into slots ``slot_idx``; returns last-position logits [n, V]."""
+        import torch
+        import torch.nn.functional as F
+
+        n, t = ids.shape
+        positions = torch.arange(t, device=self.device).expand(n, t)
+        x = self.model.model.embed_tokens(ids)
+        cos, sin = self.model.model.rotary_emb(x, positions)
+
+        def write(l, k, v):
+            self.k_cache[l][slot_idx, :, :t] = k
+            self.v_cache[l][slot_idx, :, :t] = v
+
+        def attend(l, q, k, v, scale):
+            # Causal attention over the prompt itself; padding sits after each row's last token.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=self.kv_heads != self.heads)
+
+        for layer in self.layers:
+            x = self._attention_block(layer, x, cos, sin, write, attend)
+        last = x[torch.arange(n, device=self.device), lengths - 1]
+        return self.model.lm_head(self.model.model.norm(last)).float()
+
+    def _decode_logits(self):
+        import torch
+        import torch.nn.functional as F
+
+        x = self.model.model.embed_tokens(self.tokens[:, None])
+        cos, sin = self.model.model.rotary_emb(x, self.pos[:, None])
+        mask = (self.arange_len[None, :] <= self.pos[:, None])[:, None, None, :]
+
+        def write(l, k, v):
+            self.k_cache[l][self.arange_slots, :, self.pos] = k[:, :, 0]
+            self.v_cache[l][self.arange_slots, :, self.pos] = v[:, :, 0]
+
+        def attend(l, q, k, v, scale):
+            return F.scaled_dot_product_attention(q, self.k_cache[l], self.v_cache[l], attn_mask=mask, scale=scale,
+                                                  enable_gqa=self.kv_heads != self.heads)
+
+        for layer in self.layers:
+            x = self._attention_block(layer, x, cos, sin, write, attend)
+        return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def _pick(self, logits, seeds, step, generated, presence):
+        """Next tokens [n] from logits [n, V]; ``step`` [n] is the index of the token being drawn."""
+        import torch
+
+        p = self.params
+        if presence is not None:
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(presence, penalised, logits)
+        if p.min_length and self.eos:
+            early = (step < p.min_length)[:, None] & torch.isin(self.arange_vocab, self.eos_tensor)[None, :]
+            logits = logits.masked_fill(early, float("-inf"))
+        if not p.do_sample:
+            return logits.argmax(-1)
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < self.vocab:
+            kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = (cum - sorted_logits.softmax(-1)) > p.top_p  # keep the token that crosses top_p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        # Gumbel-max with a counter-based hash of (row seed, step, token): no RNG state, no host sync.
+        x = _mix(seeds[:, None] ^ _mix(step[:, None] * 1_000_003 + self.arange_vocab[None, :] + 1))
+        u = ((x >> 11) & ((1 << 52) - 1)).double().add(0.5).div(float(1 << 52)).float()
+        return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+    def _steps(self, count: int) -> None:
+        """``count`` decode steps, in place on the state tensors (this is what the CUDA graph holds)."""
+        import torch
+
+        for _ in range(count):
+            logits = self._decode_logits()
+            nxt = self._pick(logits, self.seeds, self.n_gen, None, self.presence)
+            live = ~self.done
+            col = self.n_gen.clamp(max=self.out.shape[1] - 1)
+            self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
+            if self.presence is not None:
+                self.presence[self.arange_slots, nxt] |= live
+            self.n_gen += live.long()
+            finished = torch.isin(nxt, self.eos_tensor) | (self.n_gen >= self.max_new)
+            self.done |= live & finished
+            self.tokens.copy_(torch.where(live, nxt, self.tokens))
+            self.pos.copy_(torch.where(live, self.pos + 1, self.pos))
+
+    def _run_steps(self) -> None:
+        import torch
+
+        if not self.cuda_graphs:
+            with torch.inference_mode():
+                self._steps(self.steps_per_sync)
+            return
+        if self._graph is None:
+            started = time.monotonic()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            saved = [t.clone() for t in (self.tokens, self.pos, self.n_gen, self.done, self.out)]
+            with torch.cuda.stream(stream), torch.inference_mode():
+                self._steps(1)  # warm-up: lazy inits and autotuning outside the graph
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                self._steps(self.steps_per_sync)
+            for t, s in zip((self.tokens, self.pos, self.n_gen, self.done, self.out), saved):
+                t.copy_(s)
+            self._graph = graph
+            self.capture_seconds += time.monotonic() - started
+            log.info("fast engine: captured %d decode steps as a CUDA graph in %.1f s", self.steps_per_sync,
+                     time.monotonic() - started)
+        self._graph.replay()
+
+    # -- scheduling ----------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], seed: int | None = None, keys: Sequence | None = None
+                 ) -> list[Completion]:
+        """Completions for ``requests`` in order; ``keys`` (row ids) make each row's sample independent
+        of its batch."""
+        import torch
+
+        if not requests:
+            return []
+        slots, max_len = self._plan(requests)
+        self._allocate(slots, max_len)
+        keys = list(keys) if keys is not None else list(range(len(requests)))
+        seed = 0 if seed is None else seed
+        waiting = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].input_ids)))
+        owner: list[int | None] = [None] * slots
+        results: dict[int, Completion] = {}
+        with torch.inference_mode():
+            self.done.fill_(True)
+            while waiting or any(o is not None for o in owner):
+                if self.should_stop():
+                    raise Cancelled("stopped between decode steps")
+                free = [s for s, o in enumerate(owner) if o is None]
+                while waiting and free:
+                    group, width = [], 0
+                    while waiting and free and len(group) < len(free):
+                        i = waiting[0]
+                        new_width = max(width, len(requests[i].input_ids))
+                        if group and new_width * (len(group) + 1) > self.prefill_tokens:
+                            break
+                        group.append(waiting.popleft())
+                        width = new_width
+                    taken, free = free[:len(group)], free[len(group):]
+                    for s, i in zip(taken, group):
+                        owner[s] = i
+                    self._admit(group, taken, requests, [row_seed(seed, keys[i]) for i in group], results, owner)
+                if not any(o is not None for o in owner):
+                    continue
+                self._run_steps()
+                self._harvest(requests, owner, results)
+        return [results[i] for i in range(len(requests))]
+
+    def _admit(self, group, slot_list, requests, seeds, results, owner) -> None:
+        import torch
+
+        dev = self.device
+        n, width = len(group), max(len(requests[i].input_ids) for i in group)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, :len(requests[i].input_ids)] = torch.tensor(requests[i].input_ids)
+        lengths = torch.tensor([len(requests[i].input_ids) for i in group], device=dev)
+        slot_idx = torch.tensor(slot_list, device=dev)
+        ids = ids.to(dev)
+        seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
+        max_new = torch.tensor([requests[i].max_new_tokens for i in group], device=dev)
+        presence = None
+        if self.presence is not None:
+            self.presence[slot_idx] = False
+            valid = torch.arange(width, device=dev)[None, :] < lengths[:, None]
+            rows = torch.arange(n, device=dev)[:, None].expand(n, width)
+            presence = self.presence
+            presence[slot_idx[rows[valid]], ids[valid]] = True
+            presence = presence[slot_idx]
+        logits = self._prefill(ids, lengths, slot_idx)
+        first = self._pick(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
+        if self.presence is not None:
+            self.presence[slot_idx, first] = True
+        self.tokens[slot_idx] = first
+        self.pos[slot_idx] = lengths
+        self.n_gen[slot_idx] = 1
+        self.max_new[slot_idx] = max_new
+        self.seeds[slot_idx] = seeds_t
+        self.out[slot_idx, 0] = first
+        self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
+
+    def _harvest(self, requests, owner, results) -> None:
+        done = self.done.tolist()  # the one host sync per replay
+        finished = [s for s, o in enumerate(owner) if o is not None and done[s]]
+        if not finished:
+            return
+        counts = self.n_gen[finished].tolist()
+        rows = self.out[finished].tolist()
+        tokens = 0
+        for s, n, row in zip(finished, counts, rows):
+            i = owner[s]
+            owner[s] = None
+            results[i] = self._completion(row[:n], requests[i].max_new_tokens)
+            tokens += results[i].output_tokens
+        self.on_batch(len(finished), tokens)
+
+    def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+        finish = "length"
+        if ids and ids[-1] in self.eos:
+            ids, finish = ids[:-1], "stop"
+        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+        text, finish = cut_at_stop(text, finish, self.params.stop)
+        return Completion(text, len(ids), finish)
