@@ -117,6 +117,8 @@ class FastEngine:
         self.should_stop = should_stop or (lambda: False)
         self.on_batch = on_batch or (lambda rows, tokens: None)
         self.capture_seconds = 0.0
+        self.prefill_seconds = 0.0
+        self.steps = 0
         self.per_row_seeds = True
         self._shape = None  # (slots, max_len) of the allocated state
         self._graph = None
@@ -291,6 +293,7 @@ class FastEngine:
     def _run_steps(self) -> None:
         import torch
 
+        self.steps += self.steps_per_sync
         if not self.cuda_graphs:
             with torch.inference_mode():
                 self._steps(self.steps_per_sync)
@@ -376,6 +379,7 @@ class FastEngine:
             presence = self.presence
             presence[slot_idx[rows[valid]], ids[valid]] = True
             presence = presence[slot_idx]
+        started = time.monotonic()
         logits = self._prefill(ids, lengths, slot_idx)
         first = self._pick(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
         if self.presence is not None:
@@ -387,6 +391,9 @@ class FastEngine:
         self.seeds[slot_idx] = seeds_t
         self.out[slot_idx, 0] = first
         self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prefill_seconds += time.monotonic() - started
 
     def _harvest(self, requests, owner, results) -> None:
         done = self.done.tolist()  # the one host sync per replay
