@@ -191,6 +191,7 @@ def main() -> int:
     parser.add_argument("--batches", default="standard,mixed")
     parser.add_argument("--paths", default="one-prompt,padded,generate_batch,ours")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--path-timeout", type=float, default=600, help="seconds one path may take")
     parser.add_argument("--json", default=None, help="append results as JSON lines to this file")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,8 +204,13 @@ def main() -> int:
             for path in args.paths.split(","):
                 if path == "one-prompt" and batch != "standard":
                     continue
-                done = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--one", path, shape, batch],
-                                      capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                try:
+                    done = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--one", path, shape, batch],
+                                          capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                          timeout=args.path_timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{path} {shape} {batch}: no result within {args.path_timeout:.0f} s", flush=True)
+                    continue
                 line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
                     print(f"{path} {shape} {batch} failed:\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ PROMPTS = [
     "Why is the sky blue? Answer briefly.",
     None,  # a bad row: reported in the error column, the other rows still run
     "Suggest a name for a friendly robot.",
-]
+] + [f"Give a one-line fun fact about the number {n}." for n in range(1, 29)]
 
 
 def env() -> dict:
@@ -88,6 +88,7 @@ def main() -> int:
                                                                    if not v["safe"]) or "-")
     print(rows[["id", "finish_reason", "prompt_safe", "output_safe", "flagged_by", "error", "output"]]
           .head(12).to_string(index=False))
+    print(f"... {len(rows) - 12} more rows; read them all with pandas.read_parquet('{output}')")
     print("\n(the tiny model has random weights: its outputs are gibberish by design)")
     return 0
 

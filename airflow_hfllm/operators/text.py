@@ -220,12 +220,19 @@ class HFTextGenerateOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
         from airflow_hfllm.engine.cache import MODEL_CACHE
         from airflow_hfllm.engine.generate import Cancelled
+        from airflow_hfllm.io.dataset import InputError
+        from airflow_hfllm.jobs import ErrorRateExceeded
 
         self._job = self.build_job(context)
         try:
             return self._job.run()
+        except (InputError, ErrorRateExceeded) as exc:
+            # The same input fails the same way on every try: no retries.
+            raise AirflowFailException(str(exc)) from exc
         except Cancelled:
             # on_kill only sets a flag; free the GPU here, in the thread that owns the model.
             MODEL_CACHE.clear()

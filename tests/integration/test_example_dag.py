@@ -53,7 +53,7 @@ def test_daily_dag_returns_manifest_through_xcom(models, tmp_path):
     assert len(manifest["parts"]) == 4
 
     rows = pd.read_parquet(out_dir).set_index("id").sort_index()
-    assert rows.loc[4, "finish_reason"] == "unsafe_prompt" and rows.loc[4, "output"] is None
+    assert rows.loc[4, "finish_reason"] == "unsafe_prompt" and pd.isna(rows.loc[4, "output"])
     assert not rows.loc[4, "prompt_safe"]
     assert [v["checker"].split(":")[0] for v in rows.loc[4, "prompt_safety"]] == ["classifier", "blocklist"]
     assert rows.drop(index=4).prompt_safe.all() and rows.drop(index=4).output_safe.all()
