@@ -112,7 +112,10 @@ class Dataset:
 
     def _read(self, file: InputFile, columns: Sequence[str] | None) -> pa.Table:
         with self.fs.open(file.path, "rb") as f:
-            return pq.read_table(f, columns=list(columns) if columns else None)
+            # pre_buffer reads ahead on pyarrow's IO threads; on a Python file object those threads can
+            # outlive the read and abort the interpreter at exit ("terminate called without an active
+            # exception"), seen on a quick exit after an input error.
+            return pq.read_table(f, columns=list(columns) if columns else None, pre_buffer=False)
 
     def check_ids(self, id_column: str) -> None:
         seen: dict = {}
