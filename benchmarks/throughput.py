@@ -1,6 +1,7 @@
 """Output tokens/s of four generation paths, side by side, one process per path.
 
     python benchmarks/throughput.py --models 0.5b,7b --batches standard,mixed
+    python benchmarks/throughput.py --models 7b --batches standard --paths padded,ours --quantization none,8bit,4bit
 
 Random-weight Qwen2 models of real shape are built in-process (no hub). The standard batch is 512
 seeded random-token prompts of 50-300 tokens with 128 new tokens each (EOS never ends a row: greedy on
@@ -9,6 +10,13 @@ in 16-512. tok/s is end to end over the batch (token ids in, token ids out, pref
 warm-up; compile/capture time is reported in its own column. Each path runs in its own process so one
 path's memory does not skew another's. The one-prompt-per-call loop runs on a subset and is
 extrapolated (labelled so).
+
+``--quantization 8bit,4bit`` runs the padded path (and ``ours``, which refuses quantized weights and is
+then skipped with a note) on bitsandbytes models. bitsandbytes quantizes while loading, so the random
+model is saved once (bf16, ~15 GB for 7b, under ``--checkpoint-dir``) and loaded back with
+``from_pretrained(quantization_config=...)`` as the operator would load it: the loader's own
+``BitsAndBytesConfig`` (4bit: nf4, double quantization) and its ``dtype="auto"`` (fp16 for 8bit, bf16
+for 4bit). Weights GiB is ``model.get_memory_footprint()``; peak GiB is counted from after loading.
 """
 
 from __future__ import annotations
@@ -28,9 +36,20 @@ SHAPES = {
 }
 PADDED_BATCH = {"0.5b": 256, "7b": 128}
 HBM_GBPS = {"H100": 3350, "H200": 4800}
+QUANT_PATHS = ("padded", "ours")  # the paths that take --quantization
+CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 
 
-def build(shape: str, dtype: str = "bfloat16"):
+def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, checkpoint_dir: str = CHECKPOINT_DIR):
+    """A random-weight Qwen2 model of ``shape`` on the GPU, as a ``LoadedModel`` with an ids tokenizer.
+
+    :param shape: a key of ``SHAPES``.
+    :param dtype: weights dtype when not quantized.
+    :param quantization: ``None``/``"none"``, ``"8bit"`` or ``"4bit"``: see :func:`build_quantized`.
+    :param checkpoint_dir: where the quantized path keeps the random checkpoint it loads back.
+    """
+    if quantization not in (None, "none"):
+        return build_quantized(shape, quantization, checkpoint_dir)
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -54,6 +73,53 @@ def build(shape: str, dtype: str = "bfloat16"):
     loaded = LoadedModel(ModelSpec(f"random-qwen2-{shape}", dtype=dtype), model, IdsTokenizer(),
                          torch.device("cuda"), torch_dtype, time.monotonic() - started)
     return loaded
+
+
+def random_checkpoint(shape: str, checkpoint_dir: str) -> str:
+    """A folder holding the random bf16 model of ``shape`` (built and saved on first use; seeded, so every
+    process gets the same weights)."""
+    import gc
+    import shutil
+
+    import torch
+
+    folder = os.path.join(checkpoint_dir, f"random-qwen2-{shape}-bfloat16")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        started = time.monotonic()
+        loaded = build(shape, "bfloat16")
+        partial = f"{folder}.partial-{os.getpid()}"  # renamed when complete: a killed save is never reused
+        loaded.model.save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(partial, folder)
+        del loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"saved random {shape} checkpoint to {folder} in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return folder
+
+
+def build_quantized(shape: str, quantization: str, checkpoint_dir: str = CHECKPOINT_DIR):
+    """The random model of ``shape`` loaded back from its checkpoint through bitsandbytes, with the
+    operator's loader settings (:func:`airflow_hfllm.engine.loading.quantization_config`)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from airflow_hfllm.engine.loading import LoadedModel, device_and_dtype, quantization_config
+    from airflow_hfllm.engine.spec import ModelSpec
+
+    folder = random_checkpoint(shape, checkpoint_dir)
+    spec = ModelSpec(f"random-qwen2-{shape}", quantization=quantization)
+    device, dtype = device_and_dtype(spec)
+    started = time.monotonic()
+    model = Qwen2ForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": 0},
+                                             quantization_config=quantization_config(spec, device, dtype))
+    model.eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None  # rows run to max_new_tokens
+    model.generation_config.pad_token_id = 0
+    torch.cuda.synchronize()
+    seconds = time.monotonic() - started
+    torch.cuda.reset_peak_memory_stats()  # count generation, not loading's transient copies
+    return LoadedModel(spec, model, IdsTokenizer(), device, dtype, seconds)
 
 
 class IdsTokenizer:
@@ -82,14 +148,17 @@ def workload(batch: str, n: int = 512):
     return requests
 
 
-def run_path(path: str, shape: str, batch: str, dtype: str) -> dict:
+def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = "none",
+             checkpoint_dir: str = CHECKPOINT_DIR) -> dict:
     import torch
 
-    from airflow_hfllm.engine.fast import FastEngine
+    from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
     from airflow_hfllm.engine.generate import BatchedGenerator
     from airflow_hfllm.engine.spec import GenerationParams
 
-    loaded = build(shape, dtype)
+    loaded = build(shape, dtype, quantization, checkpoint_dir)
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    fast_refuses = unsupported_reason(loaded)
     requests = workload(batch)
     params = GenerationParams(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False)
     note, compile_s, tokens, steps = "", 0.0, 0, None
@@ -146,6 +215,8 @@ def run_path(path: str, shape: str, batch: str, dtype: str) -> dict:
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
     elif path == "ours":
+        if fast_refuses:
+            return dict(skipped=fast_refuses)
         engine = FastEngine(loaded, params)
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
@@ -162,11 +233,12 @@ def run_path(path: str, shape: str, batch: str, dtype: str) -> dict:
     else:
         raise ValueError(path)
 
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    result = dict(path=path, model=shape, batch=batch, dtype=dtype, tokens=tokens, seconds=round(seconds, 2),
-                  tok_s=round(tokens / seconds, 1), load_s=round(loaded.load_seconds, 1),
+    weights = loaded.model.get_memory_footprint()
+    result = dict(path=path, model=shape, quant=quantization, batch=batch, dtype=dtype, tokens=tokens,
+                  seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1), load_s=round(loaded.load_seconds, 1),
                   compile_s=round(compile_s, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                  weights_gib=round(weights / 2**30, 2), note=note, device=torch.cuda.get_device_name())
+                  weights_gib=round(weights / 2**30, 2), note=note, device=torch.cuda.get_device_name(),
+                  fast_engine=fast_refuses or "runs")
     if steps:
         result["decode_steps"] = steps
         result["weight_gbps"] = round(steps * weights / seconds / 1e9)
@@ -174,14 +246,17 @@ def run_path(path: str, shape: str, batch: str, dtype: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | batch | path | tok/s | x one-prompt | x padded | x generate_batch | weight-read GB/s "
-             "| peak GiB | load s | compile s | note |", "|" + "---|" * 12]
+    """Markdown rows; the x columns compare with the unquantized paths of the same model and batch."""
+    lines = ["| model | quant | batch | path | tok/s | x one-prompt | x padded | x generate_batch | weight-read GB/s "
+             "| weights GiB | peak GiB | load s | compile s | note |", "|" + "---|" * 14]
     for r in results:
-        base = {b["path"]: b["tok_s"] for b in results if b["model"] == r["model"] and b["batch"] == r["batch"]}
+        base = {b["path"]: b["tok_s"] for b in results if b["model"] == r["model"] and b["batch"] == r["batch"]
+                and b.get("quant", "none") == "none"}
         ratio = lambda p: f"{r['tok_s'] / base[p]:.1f}x" if base.get(p) else "-"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['batch']} | {r['path']} | {r['tok_s']:,.0f} | {ratio('one-prompt')} | "
-                     f"{ratio('padded')} | {ratio('generate_batch')} | {r.get('weight_gbps', '-')} | "
-                     f"{r['peak_gib']} | {r['load_s']} | {r['compile_s']} | {r['note']} |")
+        lines.append(f"| {r['model']} | {r.get('quant', 'none')} | {r['batch']} | {r['path']} | {r['tok_s']:,.0f} | "
+                     f"{ratio('one-prompt')} | {ratio('padded')} | {ratio('generate_batch')} | "
+                     f"{r.get('weight_gbps', '-')} | {r['weights_gib']} | {r['peak_gib']} | {r['load_s']} | "
+                     f"{r['compile_s']} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -190,38 +265,67 @@ def main() -> int:
     parser.add_argument("--models", default="0.5b,7b")
     parser.add_argument("--batches", default="standard,mixed")
     parser.add_argument("--paths", default="one-prompt,padded,generate_batch,ours")
+    parser.add_argument("--quantization", default="none",
+                        help="comma list of none, 8bit, 4bit; quantized runs take the padded and ours paths only")
+    parser.add_argument("--checkpoint-dir", default=CHECKPOINT_DIR,
+                        help="where quantized runs save the random bf16 checkpoint they load back (~15 GB for 7b)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--path-timeout", type=float, default=600, help="seconds one path may take")
     parser.add_argument("--json", default=None, help="append results as JSON lines to this file")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_path(*args.one, args.dtype)), flush=True)
+        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
-    results = []
-    for shape in args.models.split(","):
-        for batch in args.batches.split(","):
-            for path in args.paths.split(","):
-                if path == "one-prompt" and batch != "standard":
-                    continue
-                try:
-                    done = subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--one", path, shape, batch],
-                                          capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                          timeout=args.path_timeout)
-                except subprocess.TimeoutExpired:
-                    print(f"{path} {shape} {batch}: no result within {args.path_timeout:.0f} s", flush=True)
-                    continue
-                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{path} {shape} {batch} failed:\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)
-                    continue
-                results.append(json.loads(line[7:]))
-                print(json.dumps(results[-1]), flush=True)
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps(results[-1]) + "\n")
+    results, notes = [], []
+    refused = {}  # (model, quant, batch) -> why the fast engine refused that model, as a run found out
+    runs = [(shape, batch, quant, path) for shape in args.models.split(",") for batch in args.batches.split(",")
+            for quant in args.quantization.split(",") for path in args.paths.split(",")]
+    for shape, batch, quant, path in runs:
+        name = f"{path} {shape} {quant} {batch}"
+        if path == "one-prompt" and batch != "standard":
+            continue
+        if quant != "none" and path not in QUANT_PATHS:
+            notes.append(f"{name}: not run (quantized runs take {', '.join(QUANT_PATHS)})")
+            continue
+        # Skip a 7b load that only ends in the refusal an earlier run of the same model already saw.
+        result = dict(skipped=refused[shape, quant, batch]) if path == "ours" and (shape, quant, batch) in refused \
+            else _run_one(args, path, shape, batch, quant)
+        if result is None:
+            continue
+        if "skipped" in result:
+            notes.append(f"{name}: skipped, the fast engine refuses {result['skipped']} (a job falls back to "
+                         f"batched generate())")
+            continue
+        if result["fast_engine"] != "runs":
+            refused[shape, quant, batch] = result["fast_engine"]
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
     print(table(results))
+    for note in notes:
+        print(f"- {note}")
     return 0
+
+
+def _run_one(args, path: str, shape: str, batch: str, quant: str) -> dict | None:
+    """One path in its own process; ``None`` (and a line saying why) when it gave no result."""
+    cmd = [sys.executable, __file__, "--dtype", args.dtype, "--quantization", quant, "--checkpoint-dir",
+           args.checkpoint_dir, "--one", path, shape, batch]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                              timeout=args.path_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{path} {shape} {quant} {batch}: no result within {args.path_timeout:.0f} s", flush=True)
+        return None
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{path} {shape} {quant} {batch} failed:\n{done.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(line[7:])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,49 +53,78 @@ class LoadedModel:
 
 
 def device_and_dtype(spec: ModelSpec):
+    """The device, and the dtype that ``dtype="auto"`` means there.
+
+    Unquantized: bf16 on GPU (fp16 where bf16 is not supported), fp32 on CPU. 8-bit: fp16 on any device,
+    since bitsandbytes' int8 matmul casts its input to fp16 and warns on every call when given another
+    dtype. 4-bit: bf16 compute (fp16 on GPUs without bf16), the usual nf4 setting.
+    """
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     if spec.dtype != "auto":
         dtype = getattr(torch, spec.dtype)
-    elif device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif spec.quantization == "8bit":
+        dtype = torch.float16
+    elif spec.quantization == "4bit" or device.type == "cuda":
+        dtype = half
     else:
         dtype = torch.float32
     return device, dtype
 
 
-def quantization_config(spec: ModelSpec, dtype):
+def quantization_config(spec: ModelSpec, device, dtype):
+    """``BitsAndBytesConfig`` for ``spec`` (``None`` when not quantized), after checking that the installed
+    bitsandbytes can run that mode on ``device``.
+
+    :raises ImportError: bitsandbytes is not installed.
+    :raises RuntimeError: bitsandbytes cannot run this mode on this device (no kernel or native library).
+    """
     if spec.quantization is None:
         return None
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes as bnb
     except ImportError as exc:
-        raise RuntimeError(
-            f"quantization={spec.quantization!r} needs bitsandbytes: pip install bitsandbytes"
-        ) from exc
+        raise ImportError(f"quantization={spec.quantization!r} needs the bitsandbytes package "
+                          f"(pip install bitsandbytes), which cannot be imported: {exc}") from exc
+    check_quantization(bnb, spec, device, dtype)
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_use_double_quant=True,
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=spec.double_quant)
+
+
+def check_quantization(bnb, spec: ModelSpec, device, dtype) -> None:
+    """Quantize and run one small layer on ``device`` now, so that a device (or a bitsandbytes build)
+    that cannot serve the mode fails here with the reason, not halfway through loading or at the first
+    batch."""
+    import torch
+
+    try:
+        if spec.quantization == "8bit":
+            layer, x_dtype = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False), torch.float16
+        else:
+            layer, x_dtype = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4",
+                                               compress_statistics=spec.double_quant), dtype
+        layer.to(device)(torch.ones(2, 64, dtype=x_dtype, device=device))
+    except Exception as exc:
+        raise RuntimeError(f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {spec.quantization} "
+                           f"quantization on {device}: {type(exc).__name__}: {exc}") from exc
 
 
 AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "classifier": "AutoModelForSequenceClassification",
+    "vision": "AutoModelForImageTextToText",  # Qwen2.5-VL and other image-text-to-text models
 }
 
 
 def load(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedModel:
     """Load tokenizer and model for ``spec`` (no caching; see :func:`get_model`)."""
-    import torch
     import transformers
 
     hub = hub or HubOptions.from_env()
@@ -104,21 +134,20 @@ def load(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedModel:
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.model, **common)
     auto_class = getattr(transformers, AUTO_CLASSES[spec.task])
     kwargs = dict(common, dtype=dtype, use_safetensors=True)
-    quant = quantization_config(spec, dtype)
+    quant = quantization_config(spec, device, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
     if device.type == "cuda":
-        kwargs["device_map"] = "auto"
+        kwargs["device_map"] = "auto"  # straight to the GPU; without it from_pretrained loads on the CPU
     log.info(
         "loading %s %s (revision=%s, dtype=%s, quantization=%s, adapter=%s) on %s",
-        spec.task, spec.model, spec.revision, str(dtype).removeprefix("torch."), spec.quantization,
-        spec.adapter, device,
+        spec.task, spec.model, spec.revision, str(dtype).removeprefix("torch."),
+        f"{spec.quantization}{' double-quant' if spec.double_quant else ''}" if spec.quantization else None,
+        f"{spec.adapter} ({'merged' if spec.merge_adapter else 'not merged'})" if spec.adapter else None, device,
     )
     model = auto_class.from_pretrained(spec.model, **kwargs)
     if spec.adapter:
         model = attach_adapter(model, spec, hub)
-    if device.type != "cuda" and quant is None:
-        model.to(device)
     model.eval()
     model.requires_grad_(False)
     if spec.task == "causal-lm":
@@ -129,15 +158,20 @@ def load(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedModel:
 
 
 def attach_adapter(model, spec: ModelSpec, hub: HubOptions):
+    """Load ``spec.adapter`` over ``model`` with PEFT, merged into the weights when ``spec.merge_adapter``.
+
+    :raises ValueError: the adapter was trained on another base model (see :func:`same_model`).
+    """
     try:
         from peft import PeftConfig, PeftModel
     except ImportError as exc:
-        raise RuntimeError("peft_model needs the peft package: pip install peft") from exc
+        raise ImportError(f"peft_model needs the peft package (pip install peft): {exc}") from exc
     config = PeftConfig.from_pretrained(spec.adapter, revision=None, **hub.kwargs())
     base = config.base_model_name_or_path
     if base and not same_model(base, spec.model):
         raise ValueError(
-            f"adapter {spec.adapter} was trained on base model {base!r}, not {spec.model!r}"
+            f"adapter {spec.adapter} was trained on base model {base!r}, not {spec.model!r}; if {spec.model!r} "
+            f"is a copy of that model, set base_model_name_or_path in the adapter's adapter_config.json"
         )
     model = PeftModel.from_pretrained(model, spec.adapter, **hub.kwargs())
     if spec.merge_adapter:
@@ -145,9 +179,35 @@ def attach_adapter(model, spec: ModelSpec, hub: HubOptions):
     return model
 
 
-def same_model(a: str, b: str) -> bool:
-    norm = lambda s: os.path.normpath(os.path.expanduser(s)).rstrip("/")  # noqa: E731
-    return norm(a) == norm(b) or os.path.basename(norm(a)) == os.path.basename(norm(b))
+_HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)/snapshots/[^/]+/?$")
+
+
+def model_identity(name: str) -> tuple[str, str]:
+    """``("hub", "org/name")`` for a hub id or a snapshot folder of the HF cache, else ``("path", realpath)``."""
+    snapshot = _HF_CACHE_SNAPSHOT.search(name.replace(os.sep, "/"))
+    if snapshot:
+        return "hub", snapshot[1].replace("--", "/", 1).lower()
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.isdir(name):
+        return "path", os.path.realpath(os.path.expanduser(name))
+    return "hub", name.lower()
+
+
+def same_model(trained_on: str, base: str) -> bool:
+    """Whether ``base`` is the model an adapter was trained on (``trained_on``, from its config).
+
+    Two hub ids must be equal (case aside; a folder of the HF cache counts as its hub id). A folder and
+    a hub id match when the folder is named like the model (``/models/Qwen2-7B`` for ``Qwen/Qwen2-7B``):
+    the usual local copy. Two folders must be the same folder; only when the adapter's folder is not on
+    this machine (trained elsewhere) is the same folder name enough. Comparing names alone would take
+    ``/runs/a/checkpoint-500`` for ``/runs/b/checkpoint-500``, and ``org-a/llama`` for ``org-b/llama``.
+    """
+    (kind_a, a), (kind_b, b) = model_identity(trained_on), model_identity(base)
+    if kind_a == kind_b:
+        if a == b:
+            return True
+        return kind_a == "path" and not os.path.exists(a) and os.path.basename(a) == os.path.basename(b)
+    hub_id, folder = (a, b) if kind_a == "hub" else (b, a)
+    return os.path.basename(folder).lower() == hub_id.rsplit("/", 1)[-1]
 
 
 def prepare_tokenizer(tokenizer, model) -> None:

@@ -15,10 +15,15 @@ class ModelSpec:
 
     :param model: hub id or local folder.
     :param revision: hub revision (branch, tag or commit).
-    :param dtype: ``auto`` means bf16 on GPU and fp32 on CPU.
-    :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes).
+    :param dtype: ``auto`` means bf16 on GPU and fp32 on CPU; quantized, fp16 for 8-bit and bf16 for 4-bit
+        (see :func:`airflow_hfllm.engine.loading.device_and_dtype`).
+    :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; 4-bit is nf4). ``True`` means
+        8-bit, as in the spec.
+    :param double_quant: 4-bit only: also quantize the quantization constants (saves ~0.4 bit per
+        weight). ``None`` means on. Part of the key: it changes the weights.
     :param adapter: PEFT adapter (hub id or folder) loaded over the model.
-    :param merge_adapter: merge the adapter into the weights (not possible when quantized).
+    :param merge_adapter: merge the adapter into the weights (merged weights generate faster, and the
+        fast engine can run them). Ignored, and set to ``False``, when quantized.
     :param trust_remote_code: run code shipped with the model; off unless asked.
     :param task: ``causal-lm``, ``seq2seq`` or ``classifier``: the Auto class to load with.
     """
@@ -27,6 +32,7 @@ class ModelSpec:
     revision: str | None = None
     dtype: str = "auto"
     quantization: str | None = None
+    double_quant: bool | None = None
     adapter: str | None = None
     merge_adapter: bool = True
     trust_remote_code: bool = False
@@ -37,8 +43,13 @@ class ModelSpec:
         object.__setattr__(self, "quantization", quantization)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if quantization and self.adapter and self.merge_adapter:
-            # Merging LoRA weights into bitsandbytes weights loses precision: keep it separate.
+        object.__setattr__(self, "adapter", self.adapter or None)
+        # Options that change nothing are set to one value, so that equal models get one cache key.
+        object.__setattr__(self, "double_quant", (self.double_quant is not False) if quantization == "4bit" else None)
+        if not self.adapter:
+            object.__setattr__(self, "merge_adapter", True)
+        elif quantization:
+            # Merging LoRA weights into bitsandbytes weights would re-quantize them (and lose precision).
             object.__setattr__(self, "merge_adapter", False)
 
     def to_dict(self) -> dict:

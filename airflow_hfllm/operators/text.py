@@ -36,6 +36,7 @@ class HFTextGenerateOperator(BaseOperator):
     :param base_model: hub id or local folder of the model. Templated.
     :param peft_model: PEFT adapter (hub id or folder) loaded over ``base_model``. Templated.
     :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes); ``True`` means 8-bit.
+    :param double_quant: 4-bit only: also quantize the quantization constants (on by default).
     :param enable_salesforce_content_safety: check prompts and outputs with ``salesforce_safety_model``.
     :param salesforce_safety_model: the seq2seq safety model for the shorthand above.
     :param safety_checkers: more checkers: ``"KIND:MODEL"`` strings, dicts or ``SafetyChecker`` objects.
@@ -86,6 +87,7 @@ class HFTextGenerateOperator(BaseOperator):
         base_model: str,
         peft_model: str | None = None,
         quantization: bool | str | None = None,
+        double_quant: bool = True,
         enable_salesforce_content_safety: bool = False,
         salesforce_safety_model: str = "Salesforce/safety-flan-t5-base",
         safety_checkers: Sequence[Any] = (),
@@ -126,6 +128,7 @@ class HFTextGenerateOperator(BaseOperator):
         self.base_model = base_model
         self.peft_model = peft_model
         self.quantization = quantization
+        self.double_quant = double_quant
         self.enable_salesforce_content_safety = enable_salesforce_content_safety
         self.salesforce_safety_model = salesforce_safety_model
         self.safety_checkers = list(safety_checkers)
@@ -191,7 +194,8 @@ class HFTextGenerateOperator(BaseOperator):
             output=output_path,
             output_fs=output_fs,
             model=ModelSpec(self.base_model, revision=self.revision or None, dtype=self.dtype,
-                            quantization=self.quantization, adapter=self.peft_model or None,
+                            quantization=self.quantization, double_quant=self.double_quant,
+                            adapter=self.peft_model or None,
                             merge_adapter=self.merge_adapter, trust_remote_code=self.trust_remote_code),
             params=GenerationParams(
                 max_new_tokens=int(self.max_new_tokens), do_sample=self.do_sample,

@@ -36,10 +36,31 @@ def test_spec_is_the_key(tiny_lm):
     assert b is not a and len(cache) == 2
     assert str(b.model.dtype) == "torch.bfloat16" and str(a.model.dtype) == "torch.float32"
     assert not a.model.training
-    assert ModelSpec(tiny_lm, quantization=True) == ModelSpec(tiny_lm, quantization="8bit")
-    assert ModelSpec(tiny_lm, adapter="x") != ModelSpec(tiny_lm)
     cache.clear()
     assert len(cache) == 0
+
+
+def test_spec_key_covers_what_changes_the_weights_and_only_that():
+    """Equal models give equal keys (one load); options that change the weights give other keys.
+    Loading through the cache with quantization and adapters: tests/unit/test_quant_adapters.py."""
+    assert ModelSpec("m", quantization=True) == ModelSpec("m", quantization="8bit") != ModelSpec("m")
+    assert ModelSpec("m", quantization="none") == ModelSpec("m", quantization=False) == ModelSpec("m")
+    assert ModelSpec("m", quantization="4bit") == ModelSpec("m", quantization="nf4", double_quant=True)
+    assert ModelSpec("m", quantization="4bit").double_quant is True
+    assert ModelSpec("m", quantization="4bit", double_quant=False) != ModelSpec("m", quantization="4bit")
+    # double quantization means nothing unless 4-bit; merging means nothing without an adapter
+    assert ModelSpec("m", quantization="8bit", double_quant=False) == ModelSpec("m", quantization="8bit")
+    assert ModelSpec("m", double_quant=True).double_quant is None
+    assert ModelSpec("m", merge_adapter=False) == ModelSpec("m") == ModelSpec("m", adapter="")
+    assert ModelSpec("m", adapter="a") != ModelSpec("m") and ModelSpec("m", adapter="a") != ModelSpec("m", adapter="b")
+    assert ModelSpec("m", adapter="a", merge_adapter=False) != ModelSpec("m", adapter="a")
+    # adapters over quantized weights stay unmerged, whatever was asked
+    assert ModelSpec("m", quantization="4bit", adapter="a").merge_adapter is False
+    assert ModelSpec("m", quantization="8bit", adapter="a", merge_adapter=True) == \
+        ModelSpec("m", quantization="8bit", adapter="a", merge_adapter=False)
+    assert ModelSpec("m", quantization="4bit", adapter="a").to_dict() == dict(
+        model="m", revision=None, dtype="auto", quantization="4bit", double_quant=True, adapter="a",
+        merge_adapter=False, trust_remote_code=False, task="causal-lm")
 
 
 def test_quantization_names():

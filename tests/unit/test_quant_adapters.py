@@ -1,0 +1,202 @@
+"""Quantized (bitsandbytes 8-bit / 4-bit) and PEFT adapter models on CPU: loading, cache keys, engines, CLI."""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from airflow_hfllm.engine.cache import ModelCache
+from airflow_hfllm.engine.fast import unsupported_reason
+from airflow_hfllm.engine.generate import BatchedGenerator, Request
+from airflow_hfllm.engine.loading import get_model, same_model
+from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.jobs import TextJob
+from tests.conftest import prompt_text, write_prompts
+
+GREEDY = GenerationParams(max_new_tokens=16, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_lm, tmp_path_factory):
+    """A LoRA adapter over the tiny LM with random non-zero weights (PEFT's default init is a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    path = tmp_path_factory.mktemp("adapter")
+    get_peft_model(base, config).save_pretrained(path)
+    assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_lm
+    return str(path)
+
+
+def greedy_texts(loaded, n: int = 16) -> list[str]:
+    requests = [Request(loaded.tokenizer(prompt_text(i)).input_ids, GREEDY.max_new_tokens) for i in range(n)]
+    return [c.text for c in BatchedGenerator(loaded, GREEDY).generate(requests)]
+
+
+def assert_long_and_varied(texts: list[str]) -> None:
+    """Random tiny models can emit EOS or one token at once, which would make equality tests vacuous."""
+    assert sum(len(t.split()) >= 8 for t in texts) >= 0.75 * len(texts), texts
+    assert len(set(texts)) >= 0.75 * len(texts), texts
+
+
+def test_merged_and_unmerged_adapter_agree_and_change_the_model(tiny_lm, adapter):
+    cache = ModelCache()
+    base = get_model(ModelSpec(tiny_lm), cache=cache)
+    merged = get_model(ModelSpec(tiny_lm, adapter=adapter), cache=cache)
+    unmerged = get_model(ModelSpec(tiny_lm, adapter=adapter, merge_adapter=False), cache=cache)
+    assert type(merged.model).__name__ == "Qwen2ForCausalLM" and unsupported_reason(merged) is None
+    assert type(unmerged.model).__name__.startswith("Peft") and unsupported_reason(unmerged) == "unmerged PEFT adapter"
+
+    base_out, merged_out, unmerged_out = greedy_texts(base), greedy_texts(merged), greedy_texts(unmerged)
+    assert_long_and_varied(merged_out)
+    assert_long_and_varied(base_out)
+    assert merged_out == unmerged_out
+    assert sum(a != b for a, b in zip(merged_out, base_out)) >= 12  # the adapter does something
+
+
+def test_cache_key_covers_quantization_and_adapter(tiny_lm, adapter):
+    """Two users of one spec share a model; another adapter, merge mode or quantization loads its own."""
+    cache = ModelCache()
+    specs = {
+        "plain": ModelSpec(tiny_lm),
+        "merged": ModelSpec(tiny_lm, adapter=adapter),
+        "unmerged": ModelSpec(tiny_lm, adapter=adapter, merge_adapter=False),
+        "8bit": ModelSpec(tiny_lm, quantization=True),
+        "8bit+adapter": ModelSpec(tiny_lm, quantization="8bit", adapter=adapter),
+        "4bit": ModelSpec(tiny_lm, quantization="4bit"),
+        "4bit-single": ModelSpec(tiny_lm, quantization="4bit", double_quant=False),
+    }
+    loaded = {name: get_model(spec, cache=cache) for name, spec in specs.items()}
+    assert len(cache) == len(specs) and len({id(m) for m in loaded.values()}) == len(specs)
+    # the same spec, however spelled, is the same object
+    assert get_model(ModelSpec(tiny_lm, quantization="8bit"), cache=cache) is loaded["8bit"]
+    assert get_model(ModelSpec(tiny_lm, quantization="8bit", adapter=adapter, merge_adapter=True),
+                     cache=cache) is loaded["8bit+adapter"]  # quantized adapters are never merged
+    assert get_model(ModelSpec(tiny_lm, adapter=adapter), cache=cache) is loaded["merged"]
+    assert len(cache) == len(specs)
+
+    def layer(name):
+        model = loaded[name].model
+        return (model.base_model.model if name.endswith("adapter") else model).model.layers[0].self_attn.q_proj
+
+    assert type(layer("8bit")).__name__ == "Linear8bitLt" and type(layer("4bit")).__name__ == "Linear4bit"
+    assert type(layer("8bit+adapter").base_layer).__name__ == "Linear8bitLt"
+    nested = lambda name: getattr(layer(name).weight.quant_state, "original_nested",  # noqa: E731
+                                  layer(name).weight.quant_state.nested)
+    assert nested("4bit") and not nested("4bit-single")
+    assert str(loaded["8bit"].dtype) == "torch.float16" and str(loaded["4bit"].dtype) == "torch.bfloat16"
+    assert loaded["4bit"].model.get_memory_footprint() < loaded["plain"].model.get_memory_footprint()
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_model_runs_a_job_and_the_fast_engine_refuses_it(tiny_lm, tmp_path, caplog, quantization):
+    write_prompts(tmp_path / "in.parquet", 12)
+    run = lambda engine: TextJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / engine),  # noqa: E731
+                                 model=ModelSpec(tiny_lm, quantization=quantization), params=GREEDY,
+                                 chunk_rows=6, engine=engine).run()
+    with caplog.at_level(logging.INFO):
+        manifest = run("auto")
+    assert manifest["engine"] == "batched-generate" and manifest["counts"]["generated"] == 12
+    assert manifest["model"]["quantization"] == quantization
+    assert manifest["model"]["double_quant"] is (True if quantization == "4bit" else None)
+    assert "quantized weights" in caplog.text  # the log says why the fast engine did not run
+    assert "MatMul8bitLt" not in caplog.text  # fp16 compute: no per-matmul cast warnings
+    out = pd.read_parquet(tmp_path / "auto")
+    assert len(out) == 12 and (out.output_tokens == GREEDY.max_new_tokens).sum() >= 6
+    assert out.output.str.split().str.len().min() >= 8
+    with pytest.raises(ValueError, match=r"engine='fast' cannot run .*: quantized weights"):
+        run("fast")
+
+
+def test_fast_engine_runs_a_merged_adapter_and_refuses_an_unmerged_one(tiny_lm, adapter, tmp_path, caplog):
+    write_prompts(tmp_path / "in.parquet", 20)
+    run = lambda engine, merge=True: TextJob(  # noqa: E731
+        input=str(tmp_path / "in.parquet"), output=str(tmp_path / f"{engine}-{merge}"), params=GREEDY,
+        model=ModelSpec(tiny_lm, adapter=adapter, merge_adapter=merge), chunk_rows=10, engine=engine).run()
+    assert run("fast")["engine"] == "fast" and run("batched")["engine"] == "batched-generate"
+    fast = pd.read_parquet(tmp_path / "fast-True").sort_values("id").output.tolist()
+    batched = pd.read_parquet(tmp_path / "batched-True").sort_values("id").output.tolist()
+    assert_long_and_varied(batched)
+    assert fast == batched
+
+    with pytest.raises(ValueError, match="unmerged PEFT adapter"):
+        run("fast", merge=False)
+    with caplog.at_level(logging.INFO):
+        assert run("auto", merge=False)["engine"] == "batched-generate"
+    assert "unmerged PEFT adapter" in caplog.text
+    unmerged = pd.read_parquet(tmp_path / "auto-False").sort_values("id").output.tolist()
+    assert unmerged == batched
+
+
+def test_adapter_for_another_base_model_is_refused(tiny_lm, adapter, tmp_path):
+    other = shutil.copytree(tiny_lm, tmp_path / "other-model")  # same shapes, another folder
+    with pytest.raises(ValueError, match=r"trained on base model .*, not .*other-model.*base_model_name_or_path"):
+        get_model(ModelSpec(str(other), adapter=adapter), cache=ModelCache())
+
+
+def test_same_model(tmp_path):
+    here, there = tmp_path / "runs" / "a" / "checkpoint-500", tmp_path / "runs" / "b" / "checkpoint-500"
+    here.mkdir(parents=True)
+    there.mkdir(parents=True)
+    snapshot = "/cache/hub/models--Qwen--Qwen2-7B/snapshots/0123abcd"
+    cases = [
+        ("Qwen/Qwen2-7B", "qwen/qwen2-7b", True),  # hub ids ignore case
+        ("Qwen/Qwen2-7B", "Qwen/Qwen2-7B-Instruct", False),
+        ("org-a/llama", "org-b/llama", False),  # same name, another owner
+        ("Qwen/Qwen2-7B", "/models/Qwen2-7B", True),  # a local copy named like the model
+        ("/models/Qwen2-7B", "Qwen/Qwen2-7B", True),
+        ("Qwen/Qwen2-7B", str(here), False),
+        ("Qwen/Qwen2-7B", snapshot, True),  # a folder of the HF cache is its hub id
+        ("gpt2", "/cache/hub/models--gpt2/snapshots/abc", True),
+        ("Qwen/Qwen2-7B-Instruct", snapshot, False),
+        (str(here), str(here) + "/", True),
+        (str(here), str(there), False),  # two folders on this machine with the same name
+        ("/home/trainer/no-such-dir/checkpoint-500", str(here), True),  # trained elsewhere: the name is all we have
+        ("/home/trainer/no-such-dir/checkpoint-400", str(here), False),
+    ]
+    assert [same_model(a, b) for a, b, _ in cases] == [want for *_, want in cases]
+
+
+def test_missing_bitsandbytes_is_a_clear_error(tiny_lm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(ImportError, match=r"quantization='4bit' needs the bitsandbytes package \(pip install"):
+        get_model(ModelSpec(tiny_lm, quantization="4bit"), cache=ModelCache())
+
+
+def test_device_bitsandbytes_cannot_serve_is_a_clear_error(tiny_lm, monkeypatch):
+    """Simulated: the int8 quantizer fails as it does where bitsandbytes has no kernel for the device."""
+    import bitsandbytes
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no kernel for bitsandbytes::int8_vectorwise_quant on this device")
+
+    monkeypatch.setattr(bitsandbytes.functional, "int8_vectorwise_quant", no_kernel)
+    with pytest.raises(RuntimeError, match=r"bitsandbytes \S+ cannot run 8bit quantization on cpu: "
+                                           r"NotImplementedError: no kernel"):
+        get_model(ModelSpec(tiny_lm, quantization="8bit"), cache=ModelCache())
+
+
+def test_cli_with_adapter_over_8bit_model(tiny_lm, adapter, tmp_path):
+    write_prompts(tmp_path / "in.parquet", 8)
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow_hfllm.cli", "text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"),
+         "--output", str(tmp_path / "out"), "--max-new-tokens", "12", "--no-sample",
+         "--peft-model", adapter, "--quantization", "8bit"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["model"]["quantization"] == "8bit" and manifest["model"]["adapter"] == adapter
+    assert manifest["model"]["merge_adapter"] is False  # never merged into quantized weights
+    assert manifest["engine"] == "batched-generate" and "quantized weights" in done.stderr
+    assert "MatMul8bitLt" not in done.stderr
+    out = pd.read_parquet(tmp_path / "out")
+    assert len(out) == 8 and out.output.str.split().str.len().min() >= 6
