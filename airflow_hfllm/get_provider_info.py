@@ -12,7 +12,8 @@ def get_provider_info():
             }
         ],
         "operators": [
-            {"integration-name": "HuggingFace", "python-modules": ["airflow_hfllm.operators.text"]},
+            {"integration-name": "HuggingFace",
+             "python-modules": ["airflow_hfllm.operators.text", "airflow_hfllm.operators.vision"]},
         ],
         "hooks": [
             {"integration-name": "HuggingFace", "python-modules": ["airflow_hfllm.hooks.huggingface"]},

@@ -1,8 +1,15 @@
-"""A text generation job: read chunk -> check prompts -> generate -> check outputs -> write part -> manifest.
+"""Generation jobs: read chunk -> check prompts -> generate -> check outputs -> write part -> manifest.
 
-Plain Python: the operator, the CLI and a notebook all build a :class:`TextJob` and call ``run()``.
-State lives in the output folder only (Airflow clears XCom on every attempt), so a retry skips the
-parts an earlier attempt committed with the same fingerprint and redoes at most the chunk in flight.
+Plain Python: the operators, the CLI and a notebook all build a :class:`TextJob` or a :class:`VisionJob`
+and call ``run()``. State lives in the output folder only (Airflow clears XCom on every attempt), so a
+retry skips the parts an earlier attempt committed with the same fingerprint and redoes at most the
+chunk in flight.
+
+:class:`Job` holds what every kind shares: the chunk loop, resume and rebuild, safety checks on
+prompts and outputs, per-row errors, parts, manifest, progress and cancellation. A kind supplies the
+hooks: how to load its model (:meth:`Job._load`), its generator (:meth:`Job._generator`), how a row
+becomes messages (:meth:`Job._prepare`) and a generation request (:meth:`Job._build_request`), and what
+it adds to the fingerprint and the manifest.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import pyarrow as pa
 
@@ -26,12 +33,22 @@ from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, checked_text, context_limit, encode
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.engine.vision import VisionGenerator, build_request, get_processor, get_vision_model, vision_spec
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
+from airflow_hfllm.io.images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    ImageError,
+    ImageLoader,
+    image_column_error,
+    parse_cell,
+)
 from airflow_hfllm.io.manifest import add_counts, count, fingerprint, output_schema
 from airflow_hfllm.io.parts import OutputDir, part_name
 from airflow_hfllm.safety import SafetyChecker, judge, make_checker
 
-__all__ = ["Cancelled", "ErrorRateExceeded", "InputError", "TextJob"]
+__all__ = ["Cancelled", "ErrorRateExceeded", "InputError", "Job", "TextJob", "VisionJob"]
 
 FORMAT_VERSION = 1
 log = logging.getLogger("airflow_hfllm")
@@ -82,8 +99,10 @@ class Progress:
 
 
 @dataclass
-class TextJob:
-    """:param input: Parquet file, folder or glob (local path or fsspec URL; with ``input_fs``, a path
+class Job:
+    """What every generation job shares; see :class:`TextJob` and :class:`VisionJob`.
+
+    :param input: Parquet file, folder or glob (local path or fsspec URL; with ``input_fs``, a path
         on that filesystem).
     :param output: output folder (likewise, with ``output_fs``).
     :param model: what to generate with.
@@ -130,6 +149,8 @@ class TextJob:
     progress_every: float = 5.0
     stop_event: threading.Event = field(default_factory=threading.Event)
 
+    kind: ClassVar[str] = "generation"
+
     def __post_init__(self):
         if self.engine not in ("auto", "fast", "batched"):
             raise ValueError(f"engine must be 'auto', 'fast' or 'batched', got {self.engine!r}")
@@ -148,15 +169,49 @@ class TextJob:
         """Ask the job to stop between batches; ``run()`` then raises :class:`Cancelled`."""
         self.stop_event.set()
 
+    # -- hooks of each kind --------------------------------------------------------------------
+    def _load(self):
+        """The loaded model (through the shared model cache)."""
+        raise NotImplementedError
+
+    def _generator(self, loaded, progress: Progress):
+        """What turns the chunk's requests into completions (``generate(requests, seed, keys)``)."""
+        raise NotImplementedError
+
+    def _prepare(self, row: dict) -> Any:
+        """The row's prompt (what :meth:`_checked_text` and :meth:`_build_request` read); raise
+        :class:`RowError` for a bad row."""
+        return self.prompts.messages(row)
+
+    def _checked_text(self, prepared) -> str:
+        """What the prompt safety check reads."""
+        return checked_text(prepared)
+
+    def _build_request(self, row: dict, prepared, loaded) -> Request:
+        """The row's generation request; its ``input_ids`` length is the row's ``prompt_tokens``. Raise
+        :class:`RowError` for a bad row."""
+        raise NotImplementedError
+
+    def _fingerprint_extra(self) -> dict:
+        """What else changes this kind's outputs (added to the fingerprint when not empty)."""
+        return {}
+
+    def _manifest_extra(self) -> dict:
+        """Keys this kind adds to the manifest."""
+        return {}
+
     # -- setup ---------------------------------------------------------------------------------
+    def _required_columns(self) -> list[str]:
+        return [self.id_column, *self.prompts.input_columns(), *self.keep_columns]
+
     def open_input(self) -> Dataset:
-        required = [self.id_column, *self.prompts.input_columns(), *self.keep_columns]
+        required = self._required_columns()
         strings = [self.prompt_column] if required and self.prompt_column in self.prompts.input_columns() else []
         return Dataset.open(self.input, self.input_fs, required=required, string_columns=strings,
                             id_column=self.id_column)
 
     def _fingerprint(self, dataset: Dataset, seed) -> str:
-        return fingerprint({
+        described = {
             "format": FORMAT_VERSION,
             "input": dataset.fingerprint(),
             "model": self.model.to_dict(),
@@ -168,7 +223,11 @@ class TextJob:
             "prompt": [self.system_prompt, self.prompt_template],
             "chunk_rows": self.chunk_rows,
             "max_prompt_tokens": self.max_prompt_tokens,
-        })
+        }
+        extra = self._fingerprint_extra()
+        if extra:  # a text job's fingerprint stays what it always was
+            described[self.kind] = extra
+        return fingerprint(described)
 
     def _resume(self, out: OutputDir, dataset: Dataset) -> tuple[str, int, dict[int, dict]]:
         """The fingerprint, the seed, and the parts already done; stale parts are deleted."""
@@ -219,7 +278,7 @@ class TextJob:
         gen_seconds = 0.0
         if todo:
             t_load = time.monotonic()
-            loaded = get_model(self.model, self.hub)
+            loaded = self._load()
             for checker in self.checkers:
                 checker.load()
             load_seconds = time.monotonic() - t_load
@@ -277,6 +336,7 @@ class TextJob:
             "finished": _now(),
             "attempts": out.attempts(),
             "airflow": self.run_info or None,
+            **self._manifest_extra(),
         }
         out.write_json("_manifest.json", manifest)
         self.log.info("wrote %d parts, %d rows (%d generated, %d unsafe prompts, %d unsafe outputs, %d errors) to %s",
@@ -288,24 +348,6 @@ class TextJob:
                 f"{self.max_error_rate}; see the 'error' column in {out.uri}"
             )
         return manifest
-
-    def _generator(self, loaded, progress: Progress):
-        reason = "asked for" if self.engine == "batched" else unsupported_reason(loaded)
-        if reason is None and self.engine == "auto" and loaded.device.type != "cuda":
-            reason = "no GPU (the fast engine's CUDA graphs need one)"
-        if reason is None:
-            self.log.info("engine: fast (continuous batching, static KV cache%s) on %s",
-                          ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
-            return FastEngine(loaded, self.params, slots=self.batch_size, should_stop=self.stop_event.is_set,
-                              on_batch=progress.batch)
-        if self.engine == "fast":
-            raise ValueError(f"engine='fast' cannot run {self.model.model}: {reason}")
-        generator = BatchedGenerator(loaded, self.params, max_batch_size=self.batch_size,
-                                     token_budget=self.token_budget, should_stop=self.stop_event.is_set,
-                                     on_batch=progress.batch)
-        self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
-                      loaded.device, generator.max_batch_size, generator.token_budget, reason)
-        return generator
 
     def _row_columns(self, dataset: Dataset) -> list[str]:
         if self.prompt_template:  # the template may read any column
@@ -336,14 +378,14 @@ class TextJob:
         def fail(i: int, message: str) -> None:
             error[i], finish[i] = message, "error"
 
-        messages: list = [None] * n
+        prepared: list = [None] * n
         for i, row in enumerate(rows):
             try:
-                messages[i] = self.prompts.messages(row)
+                prepared[i] = self._prepare(row)
             except RowError as exc:
                 fail(i, str(exc))
         live = [i for i in range(n) if finish[i] is None]
-        prompt_texts = {i: checked_text(messages[i]) for i in live}
+        prompt_texts = {i: self._checked_text(prepared[i]) for i in live}
 
         if self.checkers:
             for i, judgement in zip(live, judge(self.checkers, [prompt_texts[i] for i in live], "prompt")):
@@ -359,15 +401,19 @@ class TextJob:
         limit_model = context_limit(loaded.model)
         requests = {}
         for i in live:
-            ids = encode(loaded.tokenizer, messages[i])
+            try:
+                request = self._build_request(rows[i], prepared[i], loaded)
+            except RowError as exc:
+                fail(i, str(exc))
+                continue
+            ids, new = request.input_ids, request.max_new_tokens
             prompt_tokens[i] = len(ids)
-            new = self._max_new_tokens(rows[i])
             limit = self.max_prompt_tokens or ((limit_model - new) if limit_model else None)
             if limit is not None and len(ids) > limit:
                 fail(i, f"prompt has {len(ids)} tokens, over the limit of {limit}"
                         f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
                 continue
-            requests[i] = Request(ids, new)
+            requests[i] = request
         order = list(requests)
         keys = table.column(self.id_column).to_pylist()
         completions = generator.generate([requests[i] for i in order], seed=seed,
@@ -428,3 +474,159 @@ class TextJob:
         import torch
 
         return int(torch.cuda.max_memory_allocated(loaded.device)) if loaded.device.type == "cuda" else None
+
+
+@dataclass
+class TextJob(Job):
+    """Generate text for every row of a Parquet input of prompts (or chat messages) with a causal LM:
+    the fast engine on a GPU where the model allows, else padded batches of ``generate()``. The
+    parameters are :class:`Job`'s.
+    """
+
+    kind: ClassVar[str] = "text"
+
+    def _load(self):
+        return get_model(self.model, self.hub)
+
+    def _generator(self, loaded, progress: Progress):
+        reason = "asked for" if self.engine == "batched" else unsupported_reason(loaded)
+        if reason is None and self.engine == "auto" and loaded.device.type != "cuda":
+            reason = "no GPU (the fast engine's CUDA graphs need one)"
+        if reason is None:
+            self.log.info("engine: fast (continuous batching, static KV cache%s) on %s",
+                          ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
+            return FastEngine(loaded, self.params, slots=self.batch_size, should_stop=self.stop_event.is_set,
+                              on_batch=progress.batch)
+        if self.engine == "fast":
+            raise ValueError(f"engine='fast' cannot run {self.model.model}: {reason}")
+        generator = BatchedGenerator(loaded, self.params, max_batch_size=self.batch_size,
+                                     token_budget=self.token_budget, should_stop=self.stop_event.is_set,
+                                     on_batch=progress.batch)
+        self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
+                      loaded.device, generator.max_batch_size, generator.token_budget, reason)
+        return generator
+
+    def _build_request(self, row: dict, prepared, loaded) -> Request:
+        return Request(encode(loaded.tokenizer, prepared), self._max_new_tokens(row))
+
+
+@dataclass
+class VisionJob(Job):
+    """Generate text for every row of an image manifest with a vision-language model (Qwen2.5-VL).
+
+    The manifest has ``id``, ``prompt`` (or a ``prompt_template``) and ``image``: a path or URI (local,
+    ``file://``, an object store through fsspec, ``data:image/...;base64,``), image bytes (a binary
+    column), or a list of those for several images in one row. Everything else (chunks, resume, safety
+    checks of prompt and output text, parts, manifest, progress) is :class:`Job`'s. A row whose image
+    is missing, unreadable, not an image, over PIL's decompression-bomb limit, or behind a refused URL
+    scheme gets an ``error``; the other rows are unharmed. The manifest's files are fingerprinted, the
+    image files they point at are not: rewrite an image in place and the job will not notice.
+
+    :param image_column: the image column.
+    :param min_pixels: fewest pixels of a resized image (the spec's ``224*28*28``).
+    :param max_pixels: most pixels of a resized image (the spec's ``1280*28*28``).
+    :param allow_http_images: fetch ``http(s)://`` images (off: such rows get an error).
+    :param image_fs: fsspec filesystem for image URIs of its protocol (the operator passes the
+        manifest's object store, with the connection's credentials); other object-store URIs use
+        fsspec's default credentials.
+    :param max_image_bytes: largest encoded image accepted.
+    :param image_backend: ``auto`` (``qwen_vl_utils`` where it imports, else the PIL implementation of
+        the same resize), ``qwen-vl-utils`` or ``pil``.
+    :param engine: ``auto`` or ``batched`` (padded batches of ``generate()``); the fast engine is
+        text-only.
+
+    ``params`` defaults to greedy decoding (``do_sample=False``), as the spec's image model did; the
+    other parameters are :class:`TextJob`'s, except ``messages_column`` (not supported here).
+    """
+
+    params: GenerationParams = field(default_factory=lambda: GenerationParams(do_sample=False))
+    chunk_rows: int = 256
+    image_column: str = "image"
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_http_images: bool = False
+    image_fs: Any = None
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    image_backend: str = "auto"
+
+    kind: ClassVar[str] = "vision"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.messages_column:
+            raise ValueError("VisionJob takes prompt_column or prompt_template, not messages_column")
+        if self.engine == "fast":
+            raise ValueError("engine='fast' is text-only; vision jobs run batched generate()")
+        self.model = vision_spec(self.model)
+        self.images = ImageLoader(self.min_pixels, self.max_pixels, allow_http=self.allow_http_images,
+                                  fs=self.image_fs, max_bytes=self.max_image_bytes, backend=self.image_backend)
+        self.processor = None
+
+    def _required_columns(self) -> list[str]:
+        return [*super()._required_columns(), self.image_column]
+
+    def open_input(self) -> Dataset:
+        dataset = super().open_input()
+        problem = image_column_error(dataset.schema.field(self.image_column).type)
+        if problem:
+            raise InputError(f"{dataset.files[0].path}: column {self.image_column!r} {problem}")
+        return dataset
+
+    def _row_columns(self, dataset: Dataset) -> list[str]:
+        return list(dict.fromkeys([*super()._row_columns(dataset), self.image_column]))
+
+    def _load(self):
+        loaded = get_vision_model(self.model, self.hub)
+        self.processor = get_processor(self.model, self.hub)
+        factor = self.processor.factor
+        if factor != self.images.factor:
+            self.images = ImageLoader(self.min_pixels, self.max_pixels, factor=factor,
+                                      allow_http=self.allow_http_images, fs=self.image_fs,
+                                      max_bytes=self.max_image_bytes, backend=self.image_backend)
+        self.log.info("vision: processor %s, %s", type(self.processor.processor).__name__, self.processor.how)
+        self.log.info("vision: images resized with %s to %d..%d pixels, sides multiples of %d; http(s) images %s",
+                      self.images.describe(), self.min_pixels, self.max_pixels, factor,
+                      "allowed" if self.allow_http_images else "refused")
+        return loaded
+
+    def _generator(self, loaded, progress: Progress):
+        generator = VisionGenerator(loaded, self.params, self.processor, self.images,
+                                    max_batch_size=self.batch_size, token_budget=self.token_budget,
+                                    should_stop=self.stop_event.is_set, on_batch=progress.batch)
+        self.log.info("engine: batched generate() over images on %s (batch cap %d rows, token budget %d, "
+                      "%d image decode threads)", loaded.device, generator.max_batch_size, generator.token_budget,
+                      generator.decode_workers)
+        return generator
+
+    def _prepare(self, row: dict):
+        messages = self.prompts.messages(row)
+        try:
+            sources = parse_cell(row.get(self.image_column))
+            for source in sources:
+                self.images.check(source)
+        except ImageError as exc:
+            raise RowError(str(exc)) from None
+        return messages, sources
+
+    def _checked_text(self, prepared) -> str:
+        return checked_text(prepared[0])
+
+    def _build_request(self, row: dict, prepared, loaded) -> Request:
+        messages, sources = prepared
+        probed = []
+        for k, source in enumerate(sources):
+            try:
+                probed.append(self.images.probe(source))
+            except ImageError as exc:
+                raise RowError(f"image {k + 1} of {len(sources)}: {exc}" if len(sources) > 1 else str(exc)) from None
+        return build_request(self.processor, messages, probed, self._max_new_tokens(row))
+
+    def _fingerprint_extra(self) -> dict:
+        return {"image_column": self.image_column, **self.images.fingerprint()}
+
+    def _manifest_extra(self) -> dict:
+        return {"vision": {
+            **self.images.fingerprint(),
+            "image_backend": self.images.backend,
+            "processor": None if self.processor is None else self.processor.how,
+        }}

@@ -74,6 +74,25 @@ def default_token_budget(loaded: LoadedModel) -> int:
     return max(2048, min(4_000_000, int(0.5 * free / per_token)))
 
 
+def generate_kwargs(params: GenerationParams, pad: int, eos: list[int], tokenizer, max_new: int) -> dict:
+    """``generate()`` arguments for ``params`` (as :class:`BatchedGenerator` passes them)."""
+    kwargs = dict(max_new_tokens=max_new, do_sample=params.do_sample, use_cache=params.use_cache,
+                  pad_token_id=pad, eos_token_id=eos, num_beams=params.num_beams)
+    if params.do_sample:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+    else:  # the model's generation_config may carry sampling defaults; greedy ignores them
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if params.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.min_length:
+        kwargs["min_new_tokens"] = params.min_length
+    if params.num_beams > 1:
+        kwargs["length_penalty"] = params.length_penalty
+    if params.stop:
+        kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    return kwargs
+
+
 class BatchedGenerator:
     """:param max_batch_size: cap on rows per batch; the token budget does the rest."""
 
@@ -162,27 +181,7 @@ class BatchedGenerator:
             attention_mask[n, width - len(ids):] = 1
         device = model.device if hasattr(model, "device") else self.loaded.device
         max_new = max(requests[i].max_new_tokens for i in batch)
-        kwargs = dict(
-            max_new_tokens=max_new,
-            do_sample=p.do_sample,
-            use_cache=p.use_cache,
-            pad_token_id=self.pad,
-            eos_token_id=self.eos,
-            num_beams=p.num_beams,
-        )
-        if p.do_sample:
-            kwargs.update(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
-        else:
-            # The model's own generation_config may carry sampling defaults; greedy ignores them.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if p.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = p.repetition_penalty
-        if p.min_length:
-            kwargs["min_new_tokens"] = p.min_length
-        if p.num_beams > 1:
-            kwargs["length_penalty"] = p.length_penalty
-        if p.stop:
-            kwargs.update(stop_strings=list(p.stop), tokenizer=tokenizer)
+        kwargs = generate_kwargs(p, self.pad, self.eos, tokenizer, max_new)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = model.generate(

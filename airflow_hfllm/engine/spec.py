@@ -25,7 +25,7 @@ class ModelSpec:
     :param merge_adapter: merge the adapter into the weights (merged weights generate faster, and the
         fast engine can run them). Ignored, and set to ``False``, when quantized.
     :param trust_remote_code: run code shipped with the model; off unless asked.
-    :param task: ``causal-lm``, ``seq2seq`` or ``classifier``: the Auto class to load with.
+    :param task: ``causal-lm``, ``seq2seq``, ``classifier`` or ``vision``: the Auto class to load with.
     """
 
     model: str

@@ -1,0 +1,316 @@
+"""Vision-language generation (Qwen2.5-VL and alike): model and processor through the shared model
+cache, and batched ``generate()`` over rows of images and prompts.
+
+The model is an ordinary :class:`~airflow_hfllm.engine.spec.ModelSpec` with ``task="vision"``
+(``AutoModelForImageTextToText``), so it is cached and evicted like every other model. The processor
+is cached next to it, keyed by the model alone: its options (``min_pixels``/``max_pixels``) are not part
+of the model's identity, they are passed on every call (and are part of the job fingerprint).
+
+``AutoProcessor`` needs the video processor, which needs torchvision; without it (CPU here) it raises,
+or in some versions silently returns only the tokenizer. Both are detected, and the processor is then
+built from its parts (image processor + tokenizer), which is all image rows need.
+
+:class:`VisionGenerator` reuses :class:`~airflow_hfllm.engine.generate.BatchedGenerator`'s batching
+(longest first, token budget including image tokens, OOM -> split and retry, per-row EOS and stop
+strings): rows are padded on the left by the processor, images of a batch are decoded and resized in
+worker threads while the previous batch generates, and a row whose image fails to decode becomes an
+``error`` row without touching the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from airflow_hfllm.engine.cache import MODEL_CACHE, ModelCache
+from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Completion, Request, generate_kwargs
+from airflow_hfllm.engine.loading import HubOptions, LoadedModel, get_model, prepare_tokenizer
+from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.io.images import ImageError, ImageLoader, ProbedImage
+
+log = logging.getLogger(__name__)
+
+VISION_TASK = "vision"
+
+
+def vision_spec(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with ``task="vision"``."""
+    return spec if spec.task == VISION_TASK else dataclasses.replace(spec, task=VISION_TASK)
+
+
+# -- processor -------------------------------------------------------------------------------------
+@dataclass
+class LoadedProcessor:
+    processor: Any
+    how: str  # "AutoProcessor" or "built from image processor + tokenizer (...why...)"
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def factor(self) -> int:
+        """Side of one language-model image token in pixels: patch size x merge size (28 for Qwen2.5-VL)."""
+        ip = self.image_processor
+        patch = getattr(ip, "patch_size", None) or 14
+        merge = getattr(ip, "merge_size", None) or 2
+        return int(patch) * int(merge)
+
+    @property
+    def image_token_id(self) -> int:
+        token_id = getattr(self.processor, "image_token_id", None)
+        if token_id is None:
+            token_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "image_token", "<|image_pad|>"))
+        return int(token_id)
+
+
+def _has_image_processor(processor) -> bool:
+    return getattr(processor, "image_processor", None) is not None and getattr(processor, "tokenizer", None) is not None
+
+
+def load_processor(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedProcessor:
+    """``AutoProcessor`` for ``spec``, or, where that cannot give an image processor, the processor
+    class built from its image processor and tokenizer. Fails with the reason when neither works."""
+    import transformers
+
+    hub = hub or HubOptions.from_env()
+    common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, **hub.kwargs())
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(spec.model, **common)
+    except Exception as exc:  # ImportError for the video processor without torchvision, and others
+        why = f"AutoProcessor failed: {type(exc).__name__}: {str(exc).strip().split('. ')[0][:200]}"
+    else:
+        if _has_image_processor(processor):
+            loaded = LoadedProcessor(processor, "AutoProcessor")
+            _left_padding(loaded)
+            return loaded
+        why = f"AutoProcessor returned a {type(processor).__name__} without an image processor"
+    log.warning("processor for %s: %s; building it from the image processor and the tokenizer", spec.model, why)
+    try:
+        processor = _processor_from_parts(spec, common)
+    except Exception as exc:
+        raise RuntimeError(f"cannot build an image processor for {spec.model}: {why}; from its parts: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    loaded = LoadedProcessor(processor, f"built from image processor + tokenizer ({why})")
+    _left_padding(loaded)
+    return loaded
+
+
+def _processor_from_parts(spec: ModelSpec, common: dict):
+    """The model's processor class with only its image processor and tokenizer (no video processor).
+
+    ``ProcessorMixin`` derives the sub-processors it requires from ``__init__``'s parameters, so a
+    subclass whose ``__init__`` names only ``image_processor`` and ``tokenizer`` keeps every image and
+    text method (image-token expansion, ``mm_token_type_ids``) without asking for a video processor.
+    """
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    config = transformers.AutoConfig.from_pretrained(spec.model, **common)
+    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    if not name:
+        raise ValueError(f"no processor class is known for model type {config.model_type!r}")
+    image_processor = transformers.AutoImageProcessor.from_pretrained(spec.model, **common)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec.model, **common)
+    return images_only_processor(getattr(transformers, name), image_processor, tokenizer,
+                                 getattr(tokenizer, "chat_template", None))
+
+
+def images_only_processor(processor_class, image_processor, tokenizer, chat_template=None):
+    """An instance of (a subclass of) ``processor_class`` holding only an image processor and a tokenizer."""
+
+    class ImagesOnly(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                             **kwargs)
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = f"{processor_class.__name__}ImagesOnly"
+    return ImagesOnly(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def _left_padding(processor: LoadedProcessor) -> None:
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+
+
+def get_processor(spec: ModelSpec, hub: HubOptions | None = None, cache: ModelCache = MODEL_CACHE
+                  ) -> LoadedProcessor:
+    """The processor of ``spec``'s model from the process cache (keyed by model, revision and
+    trust_remote_code only: processor options are passed per call)."""
+    key = ("processor", spec.model, spec.revision, spec.trust_remote_code)
+    return cache.get(key, lambda: load_processor(spec, hub))
+
+
+def get_vision_model(spec: ModelSpec, hub: HubOptions | None = None, cache: ModelCache = MODEL_CACHE
+                     ) -> LoadedModel:
+    """``spec``'s model (task ``vision``) from the shared model cache, ready for left-padded batches."""
+    loaded = get_model(vision_spec(spec), hub, cache)
+    prepare_tokenizer(loaded.tokenizer, loaded.model)
+    return loaded
+
+
+# -- requests --------------------------------------------------------------------------------------
+@dataclass
+class VisionRequest(Request):
+    """A row ready to generate: ``input_ids`` are the prompt's ids with each image placeholder expanded
+    to its image's tokens (what the processor will produce: its length drives batching and the
+    too-long check); ``text`` and ``images`` are what the processor gets."""
+
+    text: str = ""
+    images: list[ProbedImage] = field(default_factory=list)
+
+
+def chat_text(processor: LoadedProcessor, messages: list[dict[str, Any]], n_images: int) -> str:
+    """The formatted prompt: the user turn holds ``n_images`` image placeholders, then the text."""
+    first_user = next((n for n, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        raise ValueError("a vision prompt needs a user message")
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    chat[first_user]["content"] = [{"type": "image"} for _ in range(n_images)] + [
+        {"type": "text", "text": messages[first_user]["content"]}]
+    owner = processor.processor if getattr(processor.processor, "chat_template", None) else processor.tokenizer
+    if getattr(owner, "chat_template", None):
+        text = owner.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        if isinstance(text, list):
+            text = text[0]
+        return text
+    # No chat template: the vision placeholders then the text, roles as plain prefixes.
+    image = "<|vision_start|>" + getattr(processor.processor, "image_token", "<|image_pad|>") + "<|vision_end|>"
+    parts = [f"{m['role']}: {m['content']}" if m["role"] != "user" else image * n_images + m["content"]
+             for m in messages]
+    return "\n\n".join(parts)
+
+
+def build_request(processor: LoadedProcessor, messages: list[dict[str, Any]], images: Sequence[ProbedImage],
+                  max_new_tokens: int) -> VisionRequest:
+    text = chat_text(processor, messages, len(images))
+    ids = list(processor.tokenizer(text)["input_ids"])
+    pad = processor.image_token_id
+    positions = [n for n, token in enumerate(ids) if token == pad]
+    if len(positions) != len(images):
+        raise ValueError(f"the chat template put {len(positions)} image placeholders in the prompt for "
+                         f"{len(images)} images")
+    expanded: list[int] = []
+    start = 0
+    for position, image in zip(positions, images):
+        expanded += ids[start:position] + [pad] * image.tokens
+        start = position + 1
+    expanded += ids[start:]
+    return VisionRequest(expanded, max_new_tokens, text=text, images=list(images))
+
+
+# -- generation ------------------------------------------------------------------------------------
+class VisionGenerator(BatchedGenerator):
+    """Batched generation over :class:`VisionRequest` rows.
+
+    :param processor: the model's processor (image processor + tokenizer).
+    :param images: decodes and resizes the rows' images (the job's :class:`ImageLoader`).
+    :param decode_workers: threads decoding the next batch's images while this one generates.
+    """
+
+    def __init__(self, loaded: LoadedModel, params: GenerationParams, processor: LoadedProcessor,
+                 images: ImageLoader, *, decode_workers: int | None = None, **kwargs):
+        super().__init__(loaded, params, **kwargs)
+        self.processor = processor
+        self.images = images
+        self.decode_workers = decode_workers or max(1, min(8, (os.cpu_count() or 2) - 1))
+        self._decoded: dict[int, list | str] = {}
+        self._warned_count = False
+
+    def generate(self, requests: Sequence[Request], seed: int | None = None, keys: Sequence | None = None
+                 ) -> list[Completion]:
+        """Completions in order; sampling seeded once per call, as :class:`BatchedGenerator`."""
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        batches = self.batches(requests)
+        results: dict[int, Completion] = {}
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="hfllm-images") as pool:
+            pending = self._decode_async(pool, batches[0], requests) if batches else {}
+            try:
+                for k, batch in enumerate(batches):
+                    if self.should_stop():
+                        raise Cancelled("stopped between batches")
+                    current = pending
+                    pending = self._decode_async(pool, batches[k + 1], requests) if k + 1 < len(batches) else {}
+                    self._decoded = {i: future.result() for i, future in current.items()}
+                    done = self._run(batch, requests)
+                    self._decoded = {}
+                    results.update(done)
+                    self.on_batch(len(batch), sum(c.output_tokens for c in done.values()))
+            finally:
+                for future in pending.values():
+                    future.cancel()
+        return [results[i] for i in range(len(requests))]
+
+    def _decode_async(self, pool: ThreadPoolExecutor, batch: list[int], requests) -> dict[int, Future]:
+        return {i: pool.submit(self._decode_row, requests[i]) for i in batch}
+
+    def _decode_row(self, request: VisionRequest) -> list | str:
+        """The row's resized images, or the error message of the first that fails."""
+        n = len(request.images)
+        out = []
+        for k, probed in enumerate(request.images):
+            try:
+                out.append(self.images.load(probed))
+            except ImageError as exc:
+                return f"image {k + 1} of {n}: {exc}" if n > 1 else str(exc)
+        return out
+
+    def _generate(self, batch: list[int], requests: Sequence[Request]) -> dict[int, Completion]:
+        import torch
+
+        failed = {i: Completion(None, 0, "error", self._decoded[i]) for i in batch if isinstance(self._decoded[i], str)}
+        rows = [i for i in batch if i not in failed]
+        if not rows:
+            return failed
+        try:
+            inputs = self._inputs(rows, requests)
+        except Exception as exc:  # one row's images the processor cannot take: find it, keep the others
+            if len(rows) == 1:
+                message = f"image processor failed ({type(exc).__name__}: {str(exc)[:200]})"
+                return failed | {rows[0]: Completion(None, 0, "error", message)}
+            log.warning("the processor failed on a batch of %d rows (%s); running them one by one",
+                        len(rows), type(exc).__name__)
+            for i in rows:
+                failed |= self._generate([i], requests)
+            return failed
+        self._check_counts(inputs["attention_mask"].sum(dim=1).tolist(), [len(requests[i].input_ids) for i in rows])
+        width = inputs["input_ids"].shape[1]
+        model = self.loaded.model
+        device = model.device if hasattr(model, "device") else self.loaded.device
+        kwargs = generate_kwargs(self.params, self.pad, self.eos, self.loaded.tokenizer,
+                                 max(requests[i].max_new_tokens for i in rows))
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            out = model.generate(**inputs.to(device), **kwargs)
+        generated = out[:, width:].tolist()
+        done = {i: self._completion(ids, requests[i].max_new_tokens) for i, ids in zip(rows, generated)}
+        return done | failed
+
+    def _inputs(self, rows: list[int], requests: Sequence[Request]):
+        return self.processor.processor(
+            text=[requests[i].text for i in rows],
+            images=[image for i in rows for image in self._decoded[i]],
+            padding=True,
+            return_tensors="pt",
+            size={"shortest_edge": self.images.min_pixels, "longest_edge": self.images.max_pixels},
+        )
+
+    def _check_counts(self, got: list[int], expected: list[int]) -> None:
+        if got != expected and not self._warned_count:
+            self._warned_count = True
+            log.warning("the processor produced other prompt lengths than counted for batching (%s vs %s); "
+                        "prompt_tokens may be off", got[:4], expected[:4])
