@@ -1,6 +1,6 @@
 """``hfllm``: the same jobs as the operators, without Airflow.
 
-    hfllm make-tiny-model DIR [--kind causal-lm|seq2seq-safety|classifier-safety]
+    hfllm make-tiny-model DIR [--kind causal-lm|seq2seq-safety|classifier-safety|llama-guard|vision]
     hfllm text --model M --input IN --output OUT [...]
     hfllm vision --model M --input MANIFEST --output OUT [...]
 """
@@ -14,6 +14,7 @@ import signal
 import sys
 
 from airflow_hfllm.engine.loading import HubOptions
+from airflow_hfllm.tiny import KINDS as TINY_KINDS
 
 
 def _text_parser(sub) -> None:
@@ -43,7 +44,7 @@ def _text_parser(sub) -> None:
                    help="auto: the fast engine on a GPU when the model allows, else batched generate()")
     p.add_argument("--max-error-rate", type=float, default=0.05)
     p.add_argument("--safety", action="append", default=[], metavar="KIND:MODEL",
-                   help="safety checker: salesforce:MODEL, classifier:MODEL or blocklist:FILE (repeatable)")
+                   help="safety checker: salesforce:MODEL, classifier:MODEL, llama-guard:MODEL or blocklist:FILE (repeatable)")
     p.add_argument("--on-unsafe-output", choices=("redact", "keep"), default="redact")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     p.add_argument("--revision", default=None)
@@ -132,8 +133,8 @@ def _vision_parser(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt, image tokens included")
     p.add_argument("--max-error-rate", type=float, default=0.05)
     p.add_argument("--safety", action="append", default=[], metavar="KIND:MODEL",
-                   help="safety checker on prompt and output text: salesforce:MODEL, classifier:MODEL or "
-                        "blocklist:FILE (repeatable)")
+                   help="safety checker on prompt and output text: salesforce:MODEL, classifier:MODEL, "
+                        "llama-guard:MODEL or blocklist:FILE (repeatable)")
     p.add_argument("--on-unsafe-output", choices=("redact", "keep"), default="redact")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     p.add_argument("--revision", default=None)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny-model", help="build a tiny random model offline, for demos and tests")
     tiny.add_argument("dir")
-    tiny.add_argument("--kind", default="causal-lm", choices=("causal-lm", "seq2seq-safety", "classifier-safety"))
+    tiny.add_argument("--kind", default="causal-lm", choices=TINY_KINDS)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--verdict", choices=("safe", "unsafe"), default=None,
                       help="safety kinds: always answer this (for tests)")

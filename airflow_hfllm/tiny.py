@@ -12,6 +12,10 @@ Token conventions (one byte-level BPE tokenizer for every kind and seed, ~1230 t
   generated after a decoder start) and their bare forms are single tokens,
 * generated text is space-separated words (other lm_head rows are zeroed), so
   ``decoded.split()[0]`` is the first generated token.
+
+The ``llama-guard`` kind (a Llama causal LM in the Llama Guard 3 format) extends that tokenizer: it is
+also trained on the Llama Guard 3 prompt (so its words are whole tokens, about as in Llama 3's vocab),
+has Llama 3's header tokens (``<|eot_id|>`` is eos), and ``"\n\n"`` and ``S1``...``S14`` as tokens.
 """
 
 from __future__ import annotations
@@ -21,11 +25,42 @@ import os
 import pathlib
 import random
 
-KINDS = ("causal-lm", "seq2seq-safety", "classifier-safety")
+SAFETY_KINDS = ("seq2seq-safety", "classifier-safety", "llama-guard")
+KINDS = ("causal-lm", *SAFETY_KINDS, "vision")
 VERDICTS = ("safe", "unsafe")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
 SAFETY_WORDS = ("safe", "unsafe", "true", "false")
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA_GUARD_CODES = tuple(f"S{i}" for i in range(1, 15))
+# What a forced llama-guard model answers (then eos): the category line parses to S1 and S10.
+LLAMA_GUARD_ANSWERS = {"safe": "safe", "unsafe": "unsafe\nS1,S10"}
+
+# Written like Llama Guard 3's own chat template (string contents; the role judged follows from the
+# number of messages, since a role set inside a Jinja loop does not leave it).
+LLAMA_GUARD_TEMPLATE = (
+    "{%- if messages|length % 2 == 0 %}{%- set role = 'Agent' %}{%- else %}{%- set role = 'User' %}{%- endif %}"
+    "{{- '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n' }}"
+    "{{- \"Task: Check if there is unsafe content in '\" + role + \"' messages in conversations according our \""
+    " + 'safety policy with the below categories.\\n\\n<BEGIN UNSAFE CONTENT CATEGORIES>\\n' }}"
+    "{%- for code, name in [('S1', 'Violent Crimes'), ('S2', 'Non-Violent Crimes'), ('S3', 'Sex Crimes'), "
+    "('S4', 'Child Exploitation'), ('S5', 'Defamation'), ('S6', 'Specialized Advice'), ('S7', 'Privacy'), "
+    "('S8', 'Intellectual Property'), ('S9', 'Indiscriminate Weapons'), ('S10', 'Hate'), ('S11', 'Self-Harm'), "
+    "('S12', 'Sexual Content'), ('S13', 'Elections'), ('S14', 'Code Interpreter Abuse')] %}"
+    "{{- code + ': ' + name + '.\\n' }}"
+    "{%- endfor %}"
+    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\n' }}"
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{{- ('User' if message['role'] == 'user' else 'Agent') + ': ' + message['content'] | trim + '\\n\\n' }}"
+    "{%- endfor %}"
+    "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST ' + role + ' message in the '"
+    " + \"above conversation:\\n - First line must read 'safe' or 'unsafe'.\\n - If unsafe, a second line must \""
+    " + 'include a comma-separated list of violated categories.<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\\n\\n' }}"
+)
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -98,6 +133,13 @@ def _corpus() -> list[str]:
     return lines + [" ".join(SAFETY_WORDS)] * 50  # bare forms must become tokens too
 
 
+def _llama_guard_lines() -> tuple[str, ...]:
+    from airflow_hfllm.safety.llama_guard import llama_guard_prompt
+
+    prompts = (llama_guard_prompt([("User", "hi")]), llama_guard_prompt([("User", "hi"), ("Agent", "hello")]))
+    return prompts * 25
+
+
 class _Picker(dict):
     def __init__(self, rng: random.Random):
         super().__init__()
@@ -107,8 +149,8 @@ class _Picker(dict):
         return self.rng.choice(_WORDS[key])
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+@functools.lru_cache(maxsize=2)
+def _tokenizer_json(extra: tuple[str, ...] = ()) -> str:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -127,7 +169,7 @@ def _tokenizer_json() -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() + list(extra), trainer=trainer)
     return tok.to_str()
 
 
@@ -135,21 +177,31 @@ def _make_tokenizer(kind: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    guard = kind == "llama-guard"
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(_llama_guard_lines() if guard else ())),
         pad_token=PAD,
-        eos_token=EOS,
-        additional_special_tokens=["<|im_start|>"],
-        chat_template=CHAT_TEMPLATE,
-        padding_side="left" if kind == "causal-lm" else "right",
-        model_max_length=2048 if kind == "causal-lm" else 512,
+        eos_token="<|eot_id|>" if guard else EOS,
+        additional_special_tokens=["<|im_start|>", *(LLAMA3_SPECIAL_TOKENS if guard else ())],
+        chat_template=LLAMA_GUARD_TEMPLATE if guard else CHAT_TEMPLATE,
+        padding_side="left" if kind in ("causal-lm", "llama-guard") else "right",
+        model_max_length=4096 if guard else 2048 if kind == "causal-lm" else 512,
         model_input_names=["input_ids", "attention_mask"],
     )
+    if guard:
+        tok.add_tokens(["\n\n", *LLAMA_GUARD_CODES])  # single tokens, as in Llama 3; "S10" beats "S1"
     for word in SAFETY_WORDS:
         for form in (word, " " + word):
             if len(tok.encode(form, add_special_tokens=False)) != 1:
                 raise RuntimeError(f"tokenizer splits {form!r}")  # corpus/vocab bug
     return tok
+
+
+def tokenizer(kind: str = "causal-lm"):
+    """The tiny tokenizer of ``kind`` (e.g. for benchmarks that build random models in-process)."""
+    if kind not in KINDS or kind == "vision":
+        raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+    return _make_tokenizer(kind)
 
 
 def make_tiny_model(
@@ -164,15 +216,20 @@ def make_tiny_model(
         raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
     if verdict is not None and verdict not in VERDICTS:
         raise ValueError(f"unknown verdict {verdict!r}; allowed: None, {', '.join(VERDICTS)}")
-    if verdict is not None and kind == "causal-lm":
-        raise ValueError(f"verdict applies only to {KINDS[1]!r} and {KINDS[2]!r}")
+    if verdict is not None and kind not in SAFETY_KINDS:
+        raise ValueError(f"verdict applies only to the safety kinds {', '.join(SAFETY_KINDS)}")
+    if kind == "vision":  # a tiny Qwen2.5-VL with its processor: its own module
+        from airflow_hfllm.tiny_vision import make_tiny_vision_model
+
+        return make_tiny_vision_model(path, seed=seed)
     import torch
 
     path = pathlib.Path(path)
     tok = _make_tokenizer(kind)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        build = {"causal-lm": _causal_lm, "seq2seq-safety": _seq2seq, "classifier-safety": _classifier}
+        build = {"causal-lm": _causal_lm, "seq2seq-safety": _seq2seq, "classifier-safety": _classifier,
+                 "llama-guard": _llama_guard}
         model = build[kind](tok, verdict)
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
@@ -332,3 +389,58 @@ def _only_words(head, tok, keep=()) -> None:
 def _single_id(tok, text: str) -> int:
     (token_id,) = tok.encode(text, add_special_tokens=False)
     return token_id
+
+
+def _llama_guard(tok, verdict):
+    """A Llama causal LM; with ``verdict``, it answers ``LLAMA_GUARD_ANSWERS[verdict]`` then eos,
+    whatever the input (``None``: random weights, answers depend on the input)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(_ids(tok), bos_token_id=tok.convert_tokens_to_ids("<|begin_of_text|>"))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, dtype="float32", **ids,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        if verdict is None:  # spread-out logits, as for the causal-lm kind, so verdicts vary with the input
+            for name, p in model.named_parameters():
+                if name.endswith(".weight") and p.dim() == 2:
+                    p.normal_(0, _STD.get(name.split(".")[-2], _STD_DEFAULT))
+        else:
+            answer = tok.encode(LLAMA_GUARD_ANSWERS[verdict], add_special_tokens=False) + [tok.eos_token_id]
+            _force_answer(model, answer)
+    model.generation_config = GenerationConfig(**ids)
+    return model
+
+
+def _force_answer(model, answer: list[int], big: float = 100.0, weight: float = 4.0) -> None:
+    """Make greedy decoding answer ``answer`` after any prompt, through a bigram table in reserved
+    dimensions of the residual stream.
+
+    Dimension ``dims[0]`` holds ``big`` in every token's embedding except the answer's own tokens,
+    each of which holds it in its own dimension ``dims[k]`` instead. No layer writes those dimensions
+    (their rows of o_proj and down_proj are zero), so at every position they still tell which token
+    sits there, and after the final RMSNorm they dominate the hidden state. lm_head maps
+    ``dims[0]`` to the answer's first token and ``dims[k]`` to the token after answer token k, so the
+    next token depends only on the current one: the prompt's last token (not part of the answer) is
+    followed by the first answer token, and so on to eos.
+    """
+    steps = list(zip(answer, answer[1:]))
+    if len({a for a, _ in steps}) != len(steps):
+        raise ValueError("an answer token repeats: a bigram table cannot spell it")
+    hidden = model.config.hidden_size
+    dims = list(range(hidden - 1 - len(steps), hidden))
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    emb[:, dims] = 0
+    head[:, dims] = 0
+    emb[:, dims[0]] = big
+    head[answer[0], dims[0]] = weight
+    for k, (token, following) in enumerate(steps, 1):
+        emb[token, dims[0]] = 0
+        emb[token, dims[k]] = big
+        head[following, dims[k]] = weight
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight[dims] = 0
+        layer.mlp.down_proj.weight[dims] = 0

@@ -6,14 +6,15 @@ from typing import Any
 
 from airflow_hfllm.safety.base import Judgement, SafetyChecker, Verdict, judge
 
-KINDS = ("salesforce", "classifier", "blocklist")
+KINDS = ("salesforce", "llama-guard", "classifier", "blocklist")
 
 __all__ = ["KINDS", "Judgement", "SafetyChecker", "Verdict", "judge", "make_checker"]
 
 
 def make_checker(spec: Any, hub=None) -> SafetyChecker:
-    """A checker from an instance, ``"KIND:MODEL"`` (``salesforce``, ``classifier``, ``blocklist``
-    with a file path), or a dict ``{"kind": ..., "model": ..., **options}``."""
+    """A checker from an instance, ``"KIND:MODEL"`` (``salesforce``, ``llama-guard``, ``classifier``,
+    ``blocklist`` with a file path), or a dict ``{"kind": ..., "model": ..., **options}`` (options: the
+    checker class's keyword arguments, e.g. ``threshold``)."""
     if isinstance(spec, SafetyChecker):
         return spec
     if isinstance(spec, str):
@@ -30,6 +31,12 @@ def make_checker(spec: Any, hub=None) -> SafetyChecker:
         from airflow_hfllm.safety.salesforce import DEFAULT_MODEL, SalesforceChecker
 
         return SalesforceChecker(target or DEFAULT_MODEL, hub=hub, **options)
+    if kind == "llama-guard":
+        from airflow_hfllm.safety.llama_guard import LlamaGuardChecker
+
+        if not target:
+            raise ValueError("llama-guard needs a model, e.g. llama-guard:meta-llama/Llama-Guard-3-1B")
+        return LlamaGuardChecker(target, hub=hub, **options)
     if kind == "classifier":
         from airflow_hfllm.safety.classifier import ClassifierChecker
 

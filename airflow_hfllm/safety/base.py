@@ -104,10 +104,20 @@ def _check_isolating_failures(checker, texts, kind, context) -> list[Verdict | s
     return out
 
 
+def require_finite(scores, checker: str) -> None:
+    """Raise when a model's scores hold NaN/inf (fp16 overflow, broken weights): a NaN compares
+    false against every threshold and would pass as safe; raising makes the rows ``error`` instead."""
+    import torch
+
+    if not bool(torch.isfinite(scores).all()):
+        raise FloatingPointError(f"{checker} produced non-finite scores")
+
+
 def windows(ids: list[int], size: int, overlap: int = 32) -> list[list[int]]:
     """Split token ids into windows of at most ``size`` (overlapping a little, so a phrase cut at a
     window edge is still seen whole once). Checkers judge long texts as unsafe if any window is."""
     if len(ids) <= size:
         return [ids]
+    overlap = min(overlap, size // 4)  # small windows must still advance
     step = max(1, size - overlap)
     return [ids[start:start + size] for start in range(0, max(1, len(ids) - overlap), step)]

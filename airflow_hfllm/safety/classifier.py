@@ -6,7 +6,7 @@ from typing import Sequence
 
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.spec import ModelSpec
-from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, windows
+from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
 
 SAFE_LABELS = {"safe", "benign", "ok", "neutral", "normal", "clean", "sfw", "non-toxic", "non_toxic",
                "nontoxic", "not_toxic", "not-toxic", "non-hate", "nothate", "label_0"}
@@ -64,6 +64,7 @@ class ClassifierChecker(SafetyChecker):
                 logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
             probs.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
         probs = torch.cat(probs).cpu()
+        require_finite(probs, self.name)
         out = []
         for n in range(len(texts)):
             rows = probs[[i for i, o in enumerate(owner) if o == n]]

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.spec import ModelSpec
-from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, windows
+from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
 
 DEFAULT_MODEL = "Salesforce/safety-flan-t5-base"
 CATEGORIES = ("toxicity", "hate", "identity", "violence", "physical", "sexual", "profanity", "biased")
@@ -84,6 +84,7 @@ class SalesforceChecker(SafetyChecker):
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0].float()
         safe_id, unsafe_id = self._verdict_ids
+        require_finite(logits[:, [safe_id, unsafe_id]], self.name)
         # The seed's rule: safe only when the first generated word is "safe".
         safe = (logits.argmax(-1) == safe_id).tolist()
         score = logits[:, [safe_id, unsafe_id]].softmax(-1)[:, 1].tolist()

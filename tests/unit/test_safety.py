@@ -132,3 +132,13 @@ def test_windows_cover_everything():
     assert all(len(p) <= 100 for p in parts)
     assert set().union(*map(set, parts)) == set(ids)
     assert windows([1, 2], 100) == [[1, 2]]
+    small = windows(ids[:100], 20)  # the overlap shrinks with the window: it must still advance
+    assert len(small) <= 7 and set().union(*map(set, small)) == set(ids[:100])
+
+
+@pytest.mark.parametrize("kind", ["salesforce", "llama-guard", "classifier"])
+def test_a_checker_that_cannot_load_fails_the_job_before_any_work(tiny_lm, tmp_path, kind):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(OSError, match="no-such-model"):
+        run(tiny_lm, tmp_path, [f"{kind}:{missing}"])
+    assert not list((tmp_path / "out").glob("part-*")) and not (tmp_path / "out" / "_manifest.json").exists()
