@@ -301,19 +301,12 @@ class VisionGenerator(BatchedGenerator):
         return done | failed
 
     def _inputs(self, rows: list[int], requests: Sequence[Request]):
-        extra = {}
-        image_processor = getattr(self.processor.processor, "image_processor", None)
-        if self.loaded.device.type == "cuda" and type(image_processor).__name__.endswith("Fast"):
-            # The fast (torchvision) image processor normalises and patchifies on the GPU: on the CPU
-            # that work dominates a large batch of large images.
-            extra["device"] = self.loaded.device
         return self.processor.processor(
             text=[requests[i].text for i in rows],
             images=[image for i in rows for image in self._decoded[i]],
             padding=True,
             return_tensors="pt",
             size={"shortest_edge": self.images.min_pixels, "longest_edge": self.images.max_pixels},
-            **extra,
         )
 
     def _check_counts(self, got: list[int], expected: list[int]) -> None:
