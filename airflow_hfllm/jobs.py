@@ -99,6 +99,29 @@ class Progress:
 
 
 @dataclass
+class _Chunk:
+    """One input chunk on its way to becoming a part: the output columns, filled in as it goes."""
+
+    table: pa.Table
+    n: int
+    keys: list
+    requests: dict = field(default_factory=dict)
+    order: list = field(default_factory=list)
+    completions: dict = field(default_factory=dict)
+    prompt_texts: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.n
+        self.output, self.finish, self.error = [None] * n, [None] * n, [None] * n
+        self.prompt_safe, self.output_safe = [None] * n, [None] * n
+        self.prompt_safety, self.output_safety = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.prompt_tokens, self.output_tokens = [0] * n, [0] * n
+
+    def fail(self, i: int, message: str) -> None:
+        self.error[i], self.finish[i] = message, "error"
+
+
+@dataclass
 class Job:
     """What every generation job shares; see :class:`TextJob` and :class:`VisionJob`.
 
@@ -289,12 +312,7 @@ class Job:
             generator = self._generator(loaded, progress)
             columns = list(dict.fromkeys([self.id_column, *self._row_columns(dataset), *self.keep_columns]))
             t_gen = time.monotonic()
-            for index, table in dataset.chunks(self.chunk_rows, columns, wanted=todo):
-                if self.stop_event.is_set():
-                    raise Cancelled("stopped between chunks")
-                part = self._process(table, loaded, generator,
-                                     seed if isinstance(generator, FastEngine) else chunk_seed(seed, index),
-                                     progress, self._schema_metadata(fp, seed, index))
+            def commit(index: int, part: pa.Table) -> None:
                 counts = count(part.column("finish_reason").to_pylist(), part.column("prompt_tokens").to_pylist(),
                                part.column("output_tokens").to_pylist())
                 record = {"fingerprint": fp, "part": part_name(index), "counts": counts, "written": _now()}
@@ -304,6 +322,20 @@ class Job:
                 this_attempt["rows"] += counts["rows"]
                 this_attempt["output_tokens"] += counts["output_tokens"]
                 progress.maybe_log()
+
+            chunks = dataset.chunks(self.chunk_rows, columns, wanted=todo)
+            if isinstance(generator, FastEngine):
+                self._stream(chunks, loaded, generator, seed, fp, progress, commit)
+            else:
+                for index, table in chunks:
+                    if self.stop_event.is_set():
+                        raise Cancelled("stopped between chunks")
+                    chunk = self._start_chunk(table, loaded, progress)
+                    completions = generator.generate([chunk.requests[i] for i in chunk.order],
+                                                     seed=chunk_seed(seed, index),
+                                                     keys=[chunk.keys[i] for i in chunk.order]) if chunk.order else []
+                    chunk.completions.update(zip(chunk.order, completions))
+                    commit(index, self._finish_chunk(chunk, progress, self._schema_metadata(fp, seed, index)))
             gen_seconds = time.monotonic() - t_gen
             progress.maybe_log(force=True)
             peak = self._peak(loaded)
@@ -361,96 +393,112 @@ class Job:
         return {"fingerprint": fp, "part": index, "model": self.model.to_dict(),
                 "generation": self.params.replace(seed=seed).to_dict(), "format": FORMAT_VERSION}
 
-    # -- one chunk -----------------------------------------------------------------------------
-    def _process(self, table: pa.Table, loaded, generator: BatchedGenerator, seed: int, progress: Progress,
-                 metadata: dict) -> pa.Table:
+    # -- chunks ------------------------------------------------------------------------------
+    def _stream(self, chunks, loaded, engine: FastEngine, seed: int, fp: str, progress: Progress, commit) -> None:
+        """The fast engine over all chunks as one stream of rows, so its batch stays full across chunk
+        boundaries; a part is written as soon as all rows of its chunk are done."""
+        open_chunks: dict[int, _Chunk] = {}
+
+        def rows():
+            for index, table in chunks:
+                if self.stop_event.is_set():
+                    raise Cancelled("stopped between chunks")
+                chunk = open_chunks[index] = self._start_chunk(table, loaded, progress)
+                if not chunk.order:  # nothing to generate (all rows unsafe or bad): written at once
+                    flush(index)
+                for i in chunk.order:
+                    yield (index, i), chunk.requests[i], chunk.keys[i]
+
+        def flush(index: int) -> None:
+            chunk = open_chunks.pop(index)
+            commit(index, self._finish_chunk(chunk, progress, self._schema_metadata(fp, seed, index)))
+
+        for (index, i), completion in engine.stream(rows(), seed=seed):
+            chunk = open_chunks[index]
+            chunk.completions[i] = completion
+            if len(chunk.completions) == len(chunk.order):
+                flush(index)
+        if open_chunks:  # every row the engine took must come back
+            raise RuntimeError(f"fast engine returned no result for rows of chunks {sorted(open_chunks)}")
+
+    def _start_chunk(self, table: pa.Table, loaded, progress: Progress) -> "_Chunk":
+        """Everything before generation: prompts, prompt checks, token limits."""
         rows = table.to_pylist()
-        n = len(rows)
-        output: list[str | None] = [None] * n
-        finish: list[str | None] = [None] * n
-        error: list[str | None] = [None] * n
-        prompt_safe: list[bool | None] = [None] * n
-        output_safe: list[bool | None] = [None] * n
-        prompt_safety: list[list] = [[] for _ in range(n)]
-        output_safety: list[list] = [[] for _ in range(n)]
-        prompt_tokens, output_tokens = [0] * n, [0] * n
-
-        def fail(i: int, message: str) -> None:
-            error[i], finish[i] = message, "error"
-
-        prepared: list = [None] * n
+        chunk = _Chunk(table, len(rows), table.column(self.id_column).to_pylist())
+        prepared: list = [None] * chunk.n
         for i, row in enumerate(rows):
             try:
                 prepared[i] = self._prepare(row)
             except RowError as exc:
-                fail(i, str(exc))
-        live = [i for i in range(n) if finish[i] is None]
-        prompt_texts = {i: self._checked_text(prepared[i]) for i in live}
+                chunk.fail(i, str(exc))
+        live = [i for i in range(chunk.n) if chunk.finish[i] is None]
+        chunk.prompt_texts = {i: self._checked_text(prepared[i]) for i in live}
 
         if self.checkers:
-            for i, judgement in zip(live, judge(self.checkers, [prompt_texts[i] for i in live], "prompt")):
-                prompt_safety[i] = [v.to_dict() for v in judgement.verdicts]
-                prompt_safe[i] = judgement.safe
+            for i, judgement in zip(live, judge(self.checkers, [chunk.prompt_texts[i] for i in live], "prompt")):
+                chunk.prompt_safety[i] = [v.to_dict() for v in judgement.verdicts]
+                chunk.prompt_safe[i] = judgement.safe
                 if judgement.error:
-                    fail(i, judgement.error)
+                    chunk.fail(i, judgement.error)
                 elif judgement.safe is False:
-                    finish[i] = "unsafe_prompt"
+                    chunk.finish[i] = "unsafe_prompt"
                     progress.unsafe_prompt += 1
-            live = [i for i in live if finish[i] is None]
+            live = [i for i in live if chunk.finish[i] is None]
 
         limit_model = context_limit(loaded.model)
-        requests = {}
         for i in live:
             try:
                 request = self._build_request(rows[i], prepared[i], loaded)
             except RowError as exc:
-                fail(i, str(exc))
+                chunk.fail(i, str(exc))
                 continue
             ids, new = request.input_ids, request.max_new_tokens
-            prompt_tokens[i] = len(ids)
+            chunk.prompt_tokens[i] = len(ids)
             limit = self.max_prompt_tokens or ((limit_model - new) if limit_model else None)
             if limit is not None and len(ids) > limit:
-                fail(i, f"prompt has {len(ids)} tokens, over the limit of {limit}"
-                        f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
+                chunk.fail(i, f"prompt has {len(ids)} tokens, over the limit of {limit}"
+                              f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
                 continue
-            requests[i] = request
-        order = list(requests)
-        keys = table.column(self.id_column).to_pylist()
-        completions = generator.generate([requests[i] for i in order], seed=seed,
-                                         keys=[keys[i] for i in order]) if order else []
+            chunk.requests[i] = request
+        chunk.order = list(chunk.requests)
+        return chunk
+
+    def _finish_chunk(self, chunk: "_Chunk", progress: Progress, metadata: dict) -> pa.Table:
+        """Everything after generation: output checks, redaction, the part's table."""
         generated = []
-        for i, done in zip(order, completions):
+        for i in chunk.order:
+            done = chunk.completions[i]
             if done.finish_reason == "error":
-                fail(i, done.error)
+                chunk.fail(i, done.error)
                 continue
-            output[i], finish[i], output_tokens[i] = done.text, done.finish_reason, done.output_tokens
+            chunk.output[i], chunk.finish[i], chunk.output_tokens[i] = done.text, done.finish_reason, done.output_tokens
             generated.append(i)
 
         if self.checkers and generated:
-            judgements = judge(self.checkers, [output[i] for i in generated], "output",
-                               context=[prompt_texts[i] for i in generated])
+            judgements = judge(self.checkers, [chunk.output[i] for i in generated], "output",
+                               context=[chunk.prompt_texts[i] for i in generated])
             for i, judgement in zip(generated, judgements):
-                output_safety[i] = [v.to_dict() for v in judgement.verdicts]
-                output_safe[i] = judgement.safe
+                chunk.output_safety[i] = [v.to_dict() for v in judgement.verdicts]
+                chunk.output_safe[i] = judgement.safe
                 if judgement.error:
-                    output[i] = None
-                    fail(i, judgement.error)
+                    chunk.output[i] = None
+                    chunk.fail(i, judgement.error)
                 elif judgement.safe is False:
-                    finish[i] = "unsafe_output"
+                    chunk.finish[i] = "unsafe_output"
                     progress.unsafe_output += 1
                     if self.on_unsafe_output == "redact":
-                        output[i] = None
-        progress.errors += finish.count("error")
+                        chunk.output[i] = None
+        progress.errors += chunk.finish.count("error")
 
-        id_field = table.schema.field(self.id_column)
+        table = chunk.table
         keep = [table.schema.field(c) for c in self.keep_columns]
-        schema = output_schema(id_field.type, keep, metadata)
+        schema = output_schema(table.schema.field(self.id_column).type, keep, metadata)
         columns = {
             "id": table.column(self.id_column),
-            "output": output, "finish_reason": finish,
-            "prompt_safe": prompt_safe, "output_safe": output_safe,
-            "prompt_safety": prompt_safety, "output_safety": output_safety,
-            "error": error, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+            "output": chunk.output, "finish_reason": chunk.finish,
+            "prompt_safe": chunk.prompt_safe, "output_safe": chunk.output_safe,
+            "prompt_safety": chunk.prompt_safety, "output_safety": chunk.output_safety,
+            "error": chunk.error, "prompt_tokens": chunk.prompt_tokens, "output_tokens": chunk.output_tokens,
             **{c: table.column(c) for c in self.keep_columns},
         }
         return pa.table([pa.array(columns[f.name], f.type) if isinstance(columns[f.name], list)

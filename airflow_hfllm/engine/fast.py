@@ -21,8 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
 from airflow_hfllm.engine.loading import LoadedModel
@@ -322,55 +321,91 @@ class FastEngine:
                  ) -> list[Completion]:
         """Completions for ``requests`` in order; ``keys`` (row ids) make each row's sample independent
         of its batch."""
-        import torch
-
-        if not requests:
-            return []
-        slots, max_len = self._plan(requests)
-        self._allocate(slots, max_len)
         keys = list(keys) if keys is not None else list(range(len(requests)))
-        seed = 0 if seed is None else seed
-        waiting = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].input_ids)))
-        owner: list[int | None] = [None] * slots
-        results: dict[int, Completion] = {}
-        with torch.inference_mode():
-            self.done.fill_(True)
-            while waiting or any(o is not None for o in owner):
-                if self.should_stop():
-                    raise Cancelled("stopped between decode steps")
-                free = [s for s, o in enumerate(owner) if o is None]
-                while waiting and free:
-                    group, width = [], 0
-                    while waiting and free and len(group) < len(free):
-                        i = waiting[0]
-                        new_width = max(width, len(requests[i].input_ids))
-                        if group and new_width * (len(group) + 1) > self.prefill_tokens:
-                            break
-                        group.append(waiting.popleft())
-                        width = new_width
-                    taken, free = free[:len(group)], free[len(group):]
-                    for s, i in zip(taken, group):
-                        owner[s] = i
-                    self._admit(group, taken, requests, [row_seed(seed, keys[i]) for i in group], results, owner)
-                if not any(o is not None for o in owner):
-                    continue
-                self._run_steps()
-                self._harvest(requests, owner, results)
+        results = dict(self.stream(((i, r, k) for i, (r, k) in enumerate(zip(requests, keys))), seed,
+                                   lookahead=len(requests)))
         return [results[i] for i in range(len(requests))]
 
-    def _admit(self, group, slot_list, requests, seeds, results, owner) -> None:
+    def stream(self, items: Iterable[tuple[Any, Request, Any]], seed: int | None = None, lookahead: int = 1024
+               ) -> Iterator[tuple[Any, Completion]]:
+        """``(tag, completion)`` as rows finish, for ``(tag, request, key)`` items pulled lazily.
+
+        Rows join free slots as others leave, across whatever boundaries the caller has (input chunks),
+        so the batch stays full. Up to ``lookahead`` items wait in a window, admitted longest first. A
+        row longer than the KV cache waits until the running rows drain, then the cache is re-planned.
+        """
+        import torch
+
+        items = iter(items)
+        seed = 0 if seed is None else seed
+        window: list[tuple[Any, Request, Any]] = []
+        exhausted = False
+
+        def pull(n: int) -> None:
+            nonlocal exhausted
+            while not exhausted and len(window) < n:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    window.append(item)
+
+        pull(lookahead)
+        if not window:
+            return
+        owner: list = []
+        with torch.inference_mode():
+            while True:
+                if self.should_stop():
+                    raise Cancelled("stopped between decode steps")
+                if not any(o is not None for o in owner):
+                    if not window:
+                        return
+                    if not owner or not any(self._fits(r) for _, r, _ in window):
+                        self._allocate(*self._plan([r for _, r, _ in window]))
+                        owner = [None] * self._shape[0]
+                        self.done.fill_(True)
+                self._admit_waiting(window, owner, seed)
+                self._run_steps()
+                yield from self._harvest(owner)
+                pull(max(lookahead, 2 * len(owner)))
+
+    def _fits(self, request: Request) -> bool:
+        return len(request.input_ids) + request.max_new_tokens <= self._shape[1]
+
+    def _admit_waiting(self, window: list, owner: list, seed: int) -> None:
+        """Prefill waiting rows into free slots, longest prompts first, in token-budgeted groups."""
+        free = [s for s, o in enumerate(owner) if o is None]
+        ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:len(free)]
+        admitted = set()
+        while ready:
+            group, width = [], 0
+            while ready and len(group) < len(free):
+                new_width = max(width, len(ready[0][1].input_ids))
+                if group and new_width * (len(group) + 1) > self.prefill_tokens:
+                    break
+                group.append(ready.pop(0))
+                width = new_width
+            taken, free = free[:len(group)], free[len(group):]
+            for slot, item in zip(taken, group):
+                owner[slot] = item
+                admitted.add(id(item))
+            self._admit([r for _, r, _ in group], taken, [row_seed(seed, key) for _, _, key in group])
+        window[:] = [x for x in window if id(x) not in admitted]
+
+    def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int]) -> None:
         import torch
 
         dev = self.device
-        n, width = len(group), max(len(requests[i].input_ids) for i in group)
+        n, width = len(group), max(len(r.input_ids) for r in group)
         ids = torch.zeros((n, width), dtype=torch.long)
-        for row, i in enumerate(group):
-            ids[row, :len(requests[i].input_ids)] = torch.tensor(requests[i].input_ids)
-        lengths = torch.tensor([len(requests[i].input_ids) for i in group], device=dev)
+        for row, r in enumerate(group):
+            ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
+        lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
         slot_idx = torch.tensor(slot_list, device=dev)
         ids = ids.to(dev)
         seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
-        max_new = torch.tensor([requests[i].max_new_tokens for i in group], device=dev)
+        max_new = torch.tensor([r.max_new_tokens for r in group], device=dev)
         presence = None
         if self.presence is not None:
             self.presence[slot_idx] = False
@@ -395,20 +430,20 @@ class FastEngine:
             torch.cuda.synchronize(self.device)
         self.prefill_seconds += time.monotonic() - started
 
-    def _harvest(self, requests, owner, results) -> None:
+    def _harvest(self, owner: list) -> Iterator[tuple[Any, Completion]]:
         done = self.done.tolist()  # the one host sync per replay
         finished = [s for s, o in enumerate(owner) if o is not None and done[s]]
         if not finished:
             return
         counts = self.n_gen[finished].tolist()
         rows = self.out[finished].tolist()
-        tokens = 0
+        completions = []
         for s, n, row in zip(finished, counts, rows):
-            i = owner[s]
+            tag, request, _ = owner[s]
             owner[s] = None
-            results[i] = self._completion(row[:n], requests[i].max_new_tokens)
-            tokens += results[i].output_tokens
-        self.on_batch(len(finished), tokens)
+            completions.append((tag, self._completion(row[:n], request.max_new_tokens)))
+        self.on_batch(len(finished), sum(c.output_tokens for _, c in completions))
+        yield from completions
 
     def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
         finish = "length"

@@ -77,3 +77,27 @@ def test_job_with_fast_engine(tiny_lm, tmp_path):
     a = pd.read_parquet(tmp_path / "fast").sort_values("id")
     b = pd.read_parquet(tmp_path / "batched").sort_values("id")
     assert a.output.tolist() == b.output.tolist()
+
+
+def test_job_streams_rows_across_chunks(tiny_lm, tmp_path):
+    """Chunks smaller than the slot count: rows of several chunks share the running batch, parts are
+    still whole chunks, and the results equal the batched path's."""
+    df = write_prompts(tmp_path / "in.parquet", 40)
+    df.loc[5, "prompt"] = None  # a chunk with an error row
+    df.to_parquet(tmp_path / "in.parquet", index=False)
+    greedy = GenerationParams(max_new_tokens=10, do_sample=False)
+
+    def run(engine, out):
+        return TextJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / out), model=ModelSpec(tiny_lm),
+                       params=greedy, chunk_rows=3, batch_size=16, engine=engine, max_error_rate=0.5).run()
+
+    fast = run("fast", "fast")
+    assert fast["engine"] == "fast" and len(fast["parts"]) == 14
+    batched = run("batched", "batched")
+    a = pd.read_parquet(tmp_path / "fast").sort_values("id").reset_index(drop=True)
+    b = pd.read_parquet(tmp_path / "batched").sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert a.error.notna().sum() == 1
+    for k in range(14):
+        part = pd.read_parquet(tmp_path / "fast" / f"part-{k:05d}.parquet")
+        assert part.id.tolist() == list(range(3 * k, min(3 * k + 3, 40)))
