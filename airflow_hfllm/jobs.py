@@ -166,6 +166,7 @@ class Job:
     on_unsafe_output: str = "redact"
     max_error_rate: float = 0.05
     engine: str = "auto"
+    shard: dict | None = None
     hub: HubOptions | None = None
     run_info: dict = field(default_factory=dict)
     logger: Any = None
@@ -252,31 +253,45 @@ class Job:
             described[self.kind] = extra
         return fingerprint(described)
 
+    def _chunks(self, dataset: Dataset) -> range:
+        """The chunk indices this job owns: all of them, or its shard's."""
+        n = dataset.num_chunks(self.chunk_rows)
+        if self.shard is None:
+            return range(n)
+        return range(min(self.shard["first_chunk"], n), min(self.shard["end_chunk"], n))
+
     def _resume(self, out: OutputDir, dataset: Dataset) -> tuple[str, int, dict[int, dict]]:
-        """The fingerprint, the seed, and the parts already done; stale parts are deleted."""
+        """The fingerprint, the seed, and the parts already done; stale parts are deleted (a shard's
+        own parts only: other shards may be running)."""
         seed = self.params.seed
+        if seed is None and self.shard is not None and self.shard.get("seed") is not None:
+            seed = self.shard["seed"]  # drawn once by the planner, shared by all shards
         fp = self._fingerprint(dataset, seed if seed is not None else "auto")
-        state = out.read_json("_job.json")
+        state_name = "_job.json" if self.shard is None else f"_shards/shard-{self.shard['index']:05d}.job.json"
+        state = out.read_json(state_name)
         if state and state.get("fingerprint") == fp:
             seed = state["seed"]
         else:
             if state:
                 self.log.info("output %s holds another job's parts (fingerprint changed): rebuilding", out.uri)
                 out.remove("_manifest.json")
-                out.remove("_attempts")
+                if self.shard is None:
+                    out.remove("_attempts")
             if seed is None:
                 seed = random.SystemRandom().randrange(2**31)
-            out.write_json("_job.json", {"fingerprint": fp, "seed": seed})
-        out.remove_temporaries()
-        n = dataset.num_chunks(self.chunk_rows)
+            out.write_json(state_name, {"fingerprint": fp, "seed": seed})
+        mine = self._chunks(dataset)
+        out.remove_temporaries(None if self.shard is None else mine)
         done = {}
         for index, record in out.commits().items():
-            if index < n and record.get("fingerprint") == fp and out.fs.exists(out.join(part_name(index))):
+            if self.shard is not None and index not in mine:
+                continue
+            if index in mine and record.get("fingerprint") == fp and out.fs.exists(out.join(part_name(index))):
                 done[index] = record
             else:
                 out.remove_part(index)
         for index in out.part_indices() - set(done):
-            if index >= n:
+            if index in mine or (self.shard is None and index >= len(mine)):
                 out.remove_part(index)
         return fp, seed, done
 
@@ -288,12 +303,16 @@ class Job:
         out = OutputDir(out_fs, out_path)
         fp, seed, done = self._resume(out, dataset)
         n_chunks = dataset.num_chunks(self.chunk_rows)
-        todo = set(range(n_chunks)) - set(done)
-        self.log.info("input: %d files, %d rows, %d chunks of %d rows; %d chunks already done, %d to do",
-                      len(dataset.files), dataset.rows, n_chunks, self.chunk_rows, len(done), len(todo))
+        mine = self._chunks(dataset)
+        todo = set(mine) - set(done)
+        self.log.info("input: %d files, %d rows, %d chunks of %d rows%s; %d chunks already done, %d to do",
+                      len(dataset.files), dataset.rows, n_chunks, self.chunk_rows,
+                      f" (shard {self.shard['index']}: chunks {mine.start}-{mine.stop - 1})" if self.shard else "",
+                      len(done), len(todo))
         attempt_name = f"_attempts/attempt-{started.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
         attempt = {"started": started, "finished": None, "host": socket.gethostname(), "pid": os.getpid(),
-                   "airflow": self.run_info, "parts_written": []}
+                   "airflow": self.run_info, "parts_written": [],
+                   "shard": None if self.shard is None else self.shard["index"]}
         out.write_json(attempt_name, attempt)
 
         load_seconds, device, peak, generator, engine_name = 0.0, "none", None, None, None
@@ -370,7 +389,13 @@ class Job:
             "airflow": self.run_info or None,
             **self._manifest_extra(),
         }
-        out.write_json("_manifest.json", manifest)
+        if self.shard is not None:
+            # A shard's summary; the merge step writes _manifest.json once every shard is done.
+            manifest["shard"] = {**self.shard, "chunks": [mine.start, mine.stop]}
+            manifest["attempts"] = [a for a in manifest["attempts"] if a.get("shard") == self.shard["index"]]
+            out.write_json(f"_shards/shard-{self.shard['index']:05d}.json", manifest)
+        else:
+            out.write_json("_manifest.json", manifest)
         self.log.info("wrote %d parts, %d rows (%d generated, %d unsafe prompts, %d unsafe outputs, %d errors) to %s",
                       len(done), totals["rows"], totals["generated"], totals["unsafe_prompt"],
                       totals["unsafe_output"], totals["errors"], out.uri)

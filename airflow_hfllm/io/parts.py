@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import uuid
 
 import pyarrow as pa
@@ -101,10 +102,13 @@ class OutputDir:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def remove_temporaries(self) -> None:
-        """Leftovers of an attempt killed mid-write."""
+    def remove_temporaries(self, parts: range | None = None) -> None:
+        """Leftovers of an attempt killed mid-write; with ``parts``, only those of these part indices
+        (other shards may be writing theirs right now)."""
         for path in self.fs.glob(self.join("_tmp-*")) + self.fs.glob(self.join("_commits", "_tmp-*")):
-            self.fs.rm(path)
+            found = re.search(r"part-(\d{5})\.", posixpath.basename(path))
+            if parts is None or (found and int(found.group(1)) in parts):
+                self.fs.rm(path)
 
     # -- attempts ------------------------------------------------------------------------------
     def attempts(self) -> list[dict]:
