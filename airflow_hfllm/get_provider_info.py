@@ -13,7 +13,8 @@ def get_provider_info():
         ],
         "operators": [
             {"integration-name": "HuggingFace",
-             "python-modules": ["airflow_hfllm.operators.text", "airflow_hfllm.operators.vision"]},
+             "python-modules": ["airflow_hfllm.operators.text", "airflow_hfllm.operators.vision",
+                                "airflow_hfllm.operators.shards"]},
         ],
         "hooks": [
             {"integration-name": "HuggingFace", "python-modules": ["airflow_hfllm.hooks.huggingface"]},

@@ -70,6 +70,9 @@ class HFTextGenerateOperator(BaseOperator):
         ``fast`` or ``batched``.
     :param max_error_rate: fail the task (after writing) when more rows than this share end in error.
     :param progress_every: seconds between progress lines in the task log.
+    :param shard: one entry of :class:`~airflow_hfllm.operators.shards.HFShardPlanOperator`'s plan (use
+        ``.expand_kwargs(plan)``): this task then generates its own chunks only and writes a shard
+        summary; :class:`~airflow_hfllm.operators.shards.HFMergeShardsOperator` writes the manifest.
     """
 
     template_fields: Sequence[str] = (
@@ -120,6 +123,7 @@ class HFTextGenerateOperator(BaseOperator):
         max_error_rate: float = 0.05,
         engine: str = "auto",
         progress_every: float = 5.0,
+        shard: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -161,6 +165,7 @@ class HFTextGenerateOperator(BaseOperator):
         self.max_error_rate = max_error_rate
         self.engine = engine
         self.progress_every = progress_every
+        self.shard = shard
         self._job = None
 
     @cached_property
@@ -221,6 +226,7 @@ class HFTextGenerateOperator(BaseOperator):
             run_info=self._run_info(context),
             logger=self.log,
             progress_every=self.progress_every,
+            shard=self.shard,
         )
 
     def execute(self, context: Context) -> dict:

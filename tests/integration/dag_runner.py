@@ -24,10 +24,19 @@ def main(dag_id: str, logical_date: str, conf: str) -> None:
     dag = bag.dags[dag_id]
     run = dag.test(logical_date=pendulum.parse(logical_date), run_conf=json.loads(conf))
     with create_session() as session:
-        xcoms = {x.task_id: x.value for x in session.query(XComModel).filter_by(dag_id=dag_id, run_id=run.run_id)
+        xcoms = {name(x.task_id, x.map_index): x.value
+                 for x in session.query(XComModel).filter_by(dag_id=dag_id, run_id=run.run_id)
                  if x.key == "return_value"}
-        states = {ti.task_id: str(ti.state) for ti in run.get_task_instances(session=session)}
-    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms}, default=str))
+        tis = run.get_task_instances(session=session)
+        states = {name(ti.task_id, ti.map_index): str(ti.state) for ti in tis}
+        labels = {name(ti.task_id, ti.map_index): ti.rendered_map_index for ti in tis if ti.map_index >= 0}
+    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms, "labels": labels},
+                                 default=str))
+
+
+def name(task_id: str, map_index: int) -> str:
+    """``task`` or, for a mapped task instance, ``task[2]``."""
+    return task_id if map_index < 0 else f"{task_id}[{map_index}]"
 
 
 if __name__ == "__main__":
