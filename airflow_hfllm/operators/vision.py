@@ -233,9 +233,12 @@ class HFVisionGenerateOperator(BaseOperator):
 
         from airflow_hfllm.engine.cache import MODEL_CACHE
         from airflow_hfllm.engine.generate import Cancelled
+        from airflow_hfllm.gpu import claim_gpu
         from airflow_hfllm.io.dataset import InputError
         from airflow_hfllm.jobs import ErrorRateExceeded
 
+        # Before anything starts CUDA: on a worker with several GPUs, take one no other task holds.
+        self._gpu = claim_gpu()
         self._job = self.build_job(context)
         try:
             return self._job.run()
