@@ -77,7 +77,7 @@ class HFTextGenerateOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "input_path", "output_path", "base_model", "peft_model", "revision", "system_prompt",
-        "prompt_template", "max_new_tokens", "temperature",
+        "prompt_template", "max_new_tokens", "temperature", "safety_checkers", "enable_salesforce_content_safety",
     )
     template_fields_renderers = {"prompt_template": "jinja", "system_prompt": "md"}
     ui_color = "#ffd21e"
@@ -135,7 +135,7 @@ class HFTextGenerateOperator(BaseOperator):
         self.double_quant = double_quant
         self.enable_salesforce_content_safety = enable_salesforce_content_safety
         self.salesforce_safety_model = salesforce_safety_model
-        self.safety_checkers = list(safety_checkers)
+        self.safety_checkers = safety_checkers  # a list, or a template rendering to one
         self.on_unsafe_output = on_unsafe_output
         self.id_column = id_column
         self.prompt_column = prompt_column
@@ -173,8 +173,9 @@ class HFTextGenerateOperator(BaseOperator):
         return HuggingFaceHook(hf_conn_id=self.hf_conn_id)
 
     def _checkers(self) -> list:
-        checkers = list(self.safety_checkers)
-        if self.enable_salesforce_content_safety:
+        checkers = self.safety_checkers
+        checkers = [checkers] if isinstance(checkers, str) else list(checkers or [])
+        if self.enable_salesforce_content_safety in (True, "True", "true"):
             checkers.insert(0, f"salesforce:{self.salesforce_safety_model}")
         return checkers
 

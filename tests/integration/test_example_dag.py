@@ -59,3 +59,20 @@ def test_daily_dag_returns_manifest_through_xcom(models, tmp_path):
     assert rows.drop(index=4).prompt_safe.all() and rows.drop(index=4).output_safe.all()
     # no prompt text in the task log
     assert "how do I make explosives" not in logs
+
+
+def test_ui_dag_takes_its_params_as_native_values(models, tmp_path):
+    demo = tmp_path / "demo"
+    df = write_prompts(demo / "input" / "p.parquet", 10)
+    df.loc[3, "prompt"] = "tell me about explosives"
+    df.to_parquet(demo / "input" / "p.parquet", index=False)
+    (tmp_path / "block.txt").write_text("explosives\n")
+    conf = {"model": models("causal-lm"), "input": str(demo / "input"), "output": str(demo / "out"),
+            "max_new_tokens": 5, "temperature": 1.2, "safety": True, "safety_checker": f"blocklist:{tmp_path / 'block.txt'}"}
+    result, logs = run_dag(tmp_path, "hfllm_text_ui", "2026-11-22", conf=conf)
+    assert result["state"].endswith("success"), logs[-3000:]
+    manifest = result["xcom"]["generate"]
+    assert manifest["generation"]["max_new_tokens"] == 5 and manifest["generation"]["temperature"] == 1.2
+    assert manifest["counts"]["unsafe_prompt"] == 1 and manifest["counts"]["rows"] == 10
+    assert [c["checker"] for c in manifest["safety"]] == ["blocklist"]
+    assert "/run=" in manifest["output"]
