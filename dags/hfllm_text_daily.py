@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG, Asset, Param
 
 from airflow_hfllm.operators.text import HFTextGenerateOperator
 
 DEMO = os.environ.get("HFLLM_DEMO_DIR", "/tmp/hfllm-demo")
+# Downstream DAGs can be scheduled on this asset; each event's extra names the partition written.
+OUTPUT_ASSET = Asset(name="hfllm_text_daily_output", uri="file://" + os.path.abspath(
+    os.environ.get("HFLLM_OUTPUT", f"{DEMO}/output")))
 
 with DAG(
     dag_id="hfllm_text_daily",
@@ -44,6 +47,7 @@ with DAG(
         do_sample=True,
         temperature=0.7,
         seed=1234,  # fixed: a backfill regenerates a partition identically
+        output_asset=OUTPUT_ASSET,
         chunk_rows=int(os.environ.get("HFLLM_CHUNK_ROWS", "1000")),
         retries=2,
     )

@@ -70,6 +70,9 @@ class HFTextGenerateOperator(BaseOperator):
         ``fast`` or ``batched``.
     :param max_error_rate: fail the task (after writing) when more rows than this share end in error.
     :param progress_every: seconds between progress lines in the task log.
+    :param output_asset: an ``Asset`` (or its URI) for the output root, added to ``outlets``: each run
+        emits an asset event whose extra names the partition written (logical date or run id), the
+        output folder and the counts, so downstream DAGs can be scheduled on it.
     :param shard: one entry of :class:`~airflow_hfllm.operators.shards.HFShardPlanOperator`'s plan (use
         ``.expand_kwargs(plan)``): this task then generates its own chunks only and writes a shard
         summary; :class:`~airflow_hfllm.operators.shards.HFMergeShardsOperator` writes the manifest.
@@ -124,9 +127,17 @@ class HFTextGenerateOperator(BaseOperator):
         engine: str = "auto",
         progress_every: float = 5.0,
         shard: dict | None = None,
+        output_asset: Any = None,
         **kwargs,
     ):
+        if output_asset is not None:
+            from airflow.sdk import Asset
+
+            if not isinstance(output_asset, Asset):
+                output_asset = Asset(uri=str(output_asset), name=str(output_asset))
+            kwargs["outlets"] = [*kwargs.get("outlets", []), output_asset]
         super().__init__(**kwargs)
+        self.output_asset = output_asset
         self.input_path = input_path
         self.output_path = output_path
         self.base_model = base_model
@@ -243,7 +254,7 @@ class HFTextGenerateOperator(BaseOperator):
         self._gpu = claim_gpu()
         self._job = self.build_job(context)
         try:
-            return self._job.run()
+            manifest = self._job.run()
         except (InputError, ErrorRateExceeded) as exc:
             # The same input fails the same way on every try: no retries.
             raise AirflowFailException(str(exc)) from exc
@@ -251,6 +262,14 @@ class HFTextGenerateOperator(BaseOperator):
             # on_kill only sets a flag; free the GPU here, in the thread that owns the model.
             MODEL_CACHE.clear()
             raise RuntimeError("generation stopped by on_kill; parts written so far are kept for the retry")
+        if self.output_asset is not None and self.shard is None:
+            logical_date = context.get("logical_date")
+            context["outlet_events"][self.output_asset].extra = {
+                "partition": logical_date.date().isoformat() if logical_date else context["run_id"],
+                "output": manifest["output"], "rows": manifest["counts"]["rows"],
+                "fingerprint": manifest["fingerprint"],
+            }
+        return manifest
 
     def on_kill(self) -> None:
         if self._job is not None:

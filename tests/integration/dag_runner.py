@@ -9,6 +9,7 @@ import sys
 import pendulum
 from airflow.dag_processing.bundles.manager import DagBundlesManager
 from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+from airflow.models.asset import AssetEvent
 from airflow.models.xcom import XComModel
 from airflow.utils import db
 from airflow.utils.session import create_session
@@ -30,8 +31,10 @@ def main(dag_id: str, logical_date: str, conf: str) -> None:
         tis = run.get_task_instances(session=session)
         states = {name(ti.task_id, ti.map_index): str(ti.state) for ti in tis}
         labels = {name(ti.task_id, ti.map_index): ti.rendered_map_index for ti in tis if ti.map_index >= 0}
-    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms, "labels": labels},
-                                 default=str))
+        events = [{"uri": e.asset.uri, "extra": e.extra}
+                  for e in session.query(AssetEvent).filter_by(source_dag_id=dag_id, source_run_id=run.run_id)]
+    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms, "labels": labels,
+                                  "asset_events": events}, default=str))
 
 
 def name(task_id: str, map_index: int) -> str:

@@ -51,6 +51,9 @@ def test_daily_dag_returns_manifest_through_xcom(models, tmp_path):
     assert manifest["tokens"]["output"] > 0 and manifest["seconds"] > 0 and manifest["output_tokens_per_second"] > 0
     assert manifest["airflow"]["dag_id"] == "hfllm_text_daily" and manifest["airflow"]["task_id"] == "generate"
     assert len(manifest["parts"]) == 4
+    [event] = result["asset_events"]
+    assert event["extra"]["partition"] == "2026-11-20" and event["extra"]["rows"] == 30
+    assert event["extra"]["output"] == str(out_dir) and event["uri"].startswith("file://")
 
     rows = pd.read_parquet(out_dir).set_index("id").sort_index()
     assert rows.loc[4, "finish_reason"] == "unsafe_prompt" and pd.isna(rows.loc[4, "output"])
