@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow.sdk import BaseOperator
 
-from airflow_hfllm.operators.text import fs_and_path
+from airflow_hfllm.operators.base import fs_and_path
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -3,13 +3,9 @@ vision-language model (Qwen2.5-VL)."""
 
 from __future__ import annotations
 
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from airflow.sdk import BaseOperator
-
-from airflow_hfllm.hooks.huggingface import HuggingFaceHook
-from airflow_hfllm.operators.text import fs_and_path
+from airflow_hfllm.operators.base import HFGenerateBaseOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -18,7 +14,7 @@ DEFAULT_MIN_PIXELS = 224 * 28 * 28  # as airflow_hfllm.io.images (not imported h
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
-class HFVisionGenerateOperator(BaseOperator):
+class HFVisionGenerateOperator(HFGenerateBaseOperator):
     """
     Generate text for every row of an image manifest (Parquet: ``id``, ``prompt``, ``image``) with a
     HuggingFace vision-language model, in padded GPU batches, with safety checks on prompt and output
@@ -31,225 +27,44 @@ class HFVisionGenerateOperator(BaseOperator):
     an ``error`` and the others still run; the task fails (after writing) only when more than
     ``max_error_rate`` of the rows ended in error.
 
-    :param input_path: Parquet manifest file, folder or glob; local path, ``ObjectStoragePath`` or URI
-        (``s3://conn_id@bucket/key``). Templated.
-    :param output_path: output folder, same forms. Templated (e.g. ``.../ds={{ ds }}``).
-    :param base_model: hub id or local folder of the model (Qwen2.5-VL and other image-text-to-text
-        models). Templated.
-    :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes); ``True`` means 8-bit.
+    The shared parameters (paths, model, generation, safety, ...) are those of
+    :class:`~airflow_hfllm.operators.base.HFGenerateBaseOperator`; the defaults differ in
+    ``chunk_rows=256`` and ``do_sample=False`` (greedy, as the spec's image model).
+
     :param min_pixels: fewest pixels of a resized image (default ``224*28*28``). Templated.
     :param max_pixels: most pixels of a resized image (default ``1280*28*28``). Templated.
     :param allow_http_images: fetch ``http(s)://`` images; off by default (such rows get an error).
     :param max_image_bytes: largest encoded image accepted.
-    :param enable_salesforce_content_safety: check prompts and outputs with ``salesforce_safety_model``.
-    :param salesforce_safety_model: the seq2seq safety model for the shorthand above.
-    :param safety_checkers: more checkers: ``"KIND:MODEL"`` strings, dicts or ``SafetyChecker`` objects.
-    :param on_unsafe_output: ``"redact"`` (output null) or ``"keep"``.
-    :param id_column: unique join key column.
-    :param prompt_column: prompt string column.
     :param image_column: image column (see above).
-    :param system_prompt: system message for every row. Templated.
-    :param prompt_template: Jinja over the row (``{{ row.question }}``) building the prompt. Templated.
-    :param keep_columns: input columns copied to the output.
-    :param chunk_rows: rows per input chunk and output part (the unit of retry).
-    :param batch_size: cap on rows per GPU batch; a token budget (image tokens included) does the rest.
-    :param max_new_tokens: tokens to generate per row (a ``max_new_tokens`` column overrides per row).
-    :param do_sample: sample (True) or greedy (False, the default, as the spec's image model).
-    :param temperature: sampling temperature.
-    :param top_p: nucleus sampling mass.
-    :param top_k: top-k sampling (0 turns it off).
-    :param repetition_penalty: 1.0 is none.
-    :param min_length: minimum new tokens.
-    :param length_penalty: beam search only.
-    :param use_cache: KV cache during generation.
-    :param seed: sampling seed; ``None`` draws one, recorded in the manifest and reused by retries.
-    :param stop: stop strings.
-    :param max_padding_length: longest prompt in tokens (image tokens included); longer rows get an
-        ``error``.
-    :param dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16``, ``float32``.
-    :param revision: model revision.
-    :param trust_remote_code: run code shipped with the model (off by default).
-    :param hf_conn_id: ``huggingface`` connection: token, cache dir, offline flag.
-    :param max_error_rate: fail the task (after writing) when more rows than this share end in error.
-    :param progress_every: seconds between progress lines in the task log.
     """
 
-    template_fields: Sequence[str] = (
-        "input_path", "output_path", "base_model", "revision", "system_prompt", "prompt_template",
-        "max_new_tokens", "temperature", "min_pixels", "max_pixels",
-    )
-    template_fields_renderers = {"prompt_template": "jinja", "system_prompt": "md"}
+    template_fields: Sequence[str] = (*HFGenerateBaseOperator.template_fields, "min_pixels", "max_pixels")
     ui_color = "#ffb84d"
 
-    def __init__(
-        self,
-        *,
-        input_path: Any,
-        output_path: Any,
-        base_model: str,
-        quantization: bool | str | None = None,
-        min_pixels: int | str = DEFAULT_MIN_PIXELS,
-        max_pixels: int | str = DEFAULT_MAX_PIXELS,
-        allow_http_images: bool = False,
-        max_image_bytes: int = 64 * 2**20,
-        enable_salesforce_content_safety: bool = False,
-        salesforce_safety_model: str = "Salesforce/safety-flan-t5-base",
-        safety_checkers: Sequence[Any] = (),
-        on_unsafe_output: str = "redact",
-        id_column: str = "id",
-        prompt_column: str = "prompt",
-        image_column: str = "image",
-        system_prompt: str | None = None,
-        prompt_template: str | None = None,
-        keep_columns: Sequence[str] = (),
-        chunk_rows: int = 256,
-        batch_size: int | None = None,
-        max_new_tokens: int | str = 1024,
-        do_sample: bool = False,
-        temperature: float | str = 0.6,
-        top_p: float = 0.9,
-        top_k: int = 50,
-        repetition_penalty: float = 1.0,
-        min_length: int | None = None,
-        length_penalty: float = 1.0,
-        use_cache: bool = True,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        max_padding_length: int | None = None,
-        dtype: str = "auto",
-        revision: str | None = None,
-        trust_remote_code: bool = False,
-        hf_conn_id: str | None = HuggingFaceHook.default_conn_name,
-        max_error_rate: float = 0.05,
-        progress_every: float = 5.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.input_path = input_path
-        self.output_path = output_path
-        self.base_model = base_model
-        self.quantization = quantization
+    def __init__(self, *, min_pixels: int | str = DEFAULT_MIN_PIXELS, max_pixels: int | str = DEFAULT_MAX_PIXELS,
+                 allow_http_images: bool = False, max_image_bytes: int = 64 * 2**20, image_column: str = "image",
+                 chunk_rows: int = 256, do_sample: bool = False, **kwargs):
+        super().__init__(chunk_rows=chunk_rows, do_sample=do_sample, **kwargs)
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.allow_http_images = allow_http_images
         self.max_image_bytes = max_image_bytes
-        self.enable_salesforce_content_safety = enable_salesforce_content_safety
-        self.salesforce_safety_model = salesforce_safety_model
-        self.safety_checkers = list(safety_checkers)
-        self.on_unsafe_output = on_unsafe_output
-        self.id_column = id_column
-        self.prompt_column = prompt_column
         self.image_column = image_column
-        self.system_prompt = system_prompt
-        self.prompt_template = prompt_template
-        self.keep_columns = list(keep_columns)
-        self.chunk_rows = chunk_rows
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.do_sample = do_sample
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.repetition_penalty = repetition_penalty
-        self.min_length = min_length
-        self.length_penalty = length_penalty
-        self.use_cache = use_cache
-        self.seed = seed
-        self.stop = list(stop or [])
-        self.max_padding_length = max_padding_length
-        self.dtype = dtype
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
-        self.hf_conn_id = hf_conn_id
-        self.max_error_rate = max_error_rate
-        self.progress_every = progress_every
-        self._job = None
-
-    @cached_property
-    def hook(self) -> HuggingFaceHook:
-        return HuggingFaceHook(hf_conn_id=self.hf_conn_id)
-
-    def _checkers(self) -> list:
-        checkers = list(self.safety_checkers)
-        if self.enable_salesforce_content_safety:
-            checkers.insert(0, f"salesforce:{self.salesforce_safety_model}")
-        return checkers
-
-    def _run_info(self, context: Context) -> dict:
-        ti = context["ti"]
-        logical_date = context.get("logical_date")
-        return {
-            "dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id,
-            "map_index": ti.map_index, "try_number": ti.try_number,
-            "logical_date": logical_date.isoformat() if logical_date else None,
-        }
 
     def build_job(self, context: Context):
-        from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+        from airflow_hfllm.engine.spec import ModelSpec
         from airflow_hfllm.jobs import VisionJob
 
-        input_fs, input_path = fs_and_path(self.input_path)
-        output_fs, output_path = fs_and_path(self.output_path)
+        arguments = self.job_arguments(context)
         return VisionJob(
-            input=input_path,
-            input_fs=input_fs,
-            output=output_path,
-            output_fs=output_fs,
             model=ModelSpec(self.base_model, revision=self.revision or None, dtype=self.dtype,
                             quantization=self.quantization, trust_remote_code=self.trust_remote_code,
                             task="vision"),
-            params=GenerationParams(
-                max_new_tokens=int(self.max_new_tokens), do_sample=self.do_sample,
-                temperature=float(self.temperature), top_p=self.top_p, top_k=self.top_k,
-                repetition_penalty=self.repetition_penalty, min_length=self.min_length,
-                use_cache=self.use_cache, seed=self.seed, stop=tuple(self.stop),
-                length_penalty=self.length_penalty,
-            ),
-            id_column=self.id_column,
-            prompt_column=self.prompt_column,
             image_column=self.image_column,
-            system_prompt=self.system_prompt or None,
-            prompt_template=self.prompt_template or None,
-            keep_columns=self.keep_columns,
-            chunk_rows=self.chunk_rows,
-            batch_size=self.batch_size,
-            max_prompt_tokens=self.max_padding_length,
             min_pixels=int(self.min_pixels),
             max_pixels=int(self.max_pixels),
             allow_http_images=self.allow_http_images,
-            image_fs=input_fs,  # image URIs on the manifest's object store use its connection
+            image_fs=arguments["input_fs"],  # image URIs on the manifest's object store use its connection
             max_image_bytes=self.max_image_bytes,
-            safety_checkers=self._checkers(),
-            on_unsafe_output=self.on_unsafe_output,
-            max_error_rate=self.max_error_rate,
-            hub=self.hook.get_conn(),
-            run_info=self._run_info(context),
-            logger=self.log,
-            progress_every=self.progress_every,
+            **arguments,
         )
-
-    def execute(self, context: Context) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from airflow_hfllm.engine.cache import MODEL_CACHE
-        from airflow_hfllm.engine.generate import Cancelled
-        from airflow_hfllm.gpu import claim_gpu
-        from airflow_hfllm.io.dataset import InputError
-        from airflow_hfllm.jobs import ErrorRateExceeded
-
-        # Before anything starts CUDA: on a worker with several GPUs, take one no other task holds.
-        self._gpu = claim_gpu()
-        self._job = self.build_job(context)
-        try:
-            return self._job.run()
-        except (InputError, ErrorRateExceeded) as exc:
-            # The same input fails the same way on every try: no retries.
-            raise AirflowFailException(str(exc)) from exc
-        except Cancelled:
-            # on_kill only sets a flag; free the GPU here, in the thread that owns the model.
-            MODEL_CACHE.clear()
-            raise RuntimeError("generation stopped by on_kill; parts written so far are kept for the retry")
-
-    def on_kill(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
