@@ -1,37 +1,13 @@
 """The example vision DAG through real Airflow (SQLite metadata DB, dag.test()), with a tiny offline
 Qwen2.5-VL: outputs for every id, per-row image errors, safety, and batched == one row at a time."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
+from tests.integration.test_example_dag import run_dag
 from tests.unit.test_vision import SMALL, good_rows
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-def run_dag(tmp_path, dag_id, date, conf=None, **env):
-    """``dag.test()`` in a subprocess (tests/integration/dag_runner.py): Airflow reads its configuration
-    from the environment once, at import."""
-    environ = dict(os.environ)
-    environ.update(
-        AIRFLOW_HOME=str(tmp_path / "airflow"),
-        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        PYTHONPATH=str(ROOT),
-        **env,
-    )
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "dag_runner.py"), dag_id, date,
-                           json.dumps(conf or {})], env=environ, capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(line[len("RESULT "):]), done.stdout + done.stderr
 
 
 def test_vision_dag_batched_equals_one_at_a_time(models, tmp_path):
