@@ -39,5 +39,6 @@ def test_fp32_agreement():
 
 
 def test_bf16_agreement_reported():
-    rate = agreement("bfloat16")
-    assert 0 <= rate <= 1
+    # Measured 39% (H200) and 38% (H100) on 2026-11-26: near-ties on random weights. A broken bf16 path
+    # (rotary, cache writes, masks) diverges from the first tokens on and agrees for ~0% of rows.
+    assert agreement("bfloat16") >= 0.2
