@@ -224,7 +224,6 @@ class FastEngine:
         return self.model.lm_head(self.model.model.norm(last)).float()
 
     def _decode_logits(self):
-        import torch
         import torch.nn.functional as F
 
         x = self.model.model.embed_tokens(self.tokens[:, None])

@@ -93,7 +93,7 @@ def test_job_streams_rows_across_chunks(tiny_lm, tmp_path):
 
     fast = run("fast", "fast")
     assert fast["engine"] == "fast" and len(fast["parts"]) == 14
-    batched = run("batched", "batched")
+    assert run("batched", "batched")["engine"] == "batched-generate"
     a = pd.read_parquet(tmp_path / "fast").sort_values("id").reset_index(drop=True)
     b = pd.read_parquet(tmp_path / "batched").sort_values("id").reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)

@@ -125,7 +125,7 @@ def test_sampling_is_reproducible_and_seed_zero_works(tiny_lm, tmp_path):
     write_prompts(tmp_path / "in" / "a.parquet", 12)
     sample = GenerationParams(max_new_tokens=12, do_sample=True, temperature=1.0, seed=0)
     a = job(tiny_lm, tmp_path, params=sample, output=str(tmp_path / "a")).run()
-    b = job(tiny_lm, tmp_path, params=sample, output=str(tmp_path / "b")).run()
+    job(tiny_lm, tmp_path, params=sample, output=str(tmp_path / "b")).run()
     assert a["seed"] == 0 and a["generation"]["seed"] == 0
     ra, rb = pd.read_parquet(tmp_path / "a"), pd.read_parquet(tmp_path / "b")
     assert ra.output.tolist() == rb.output.tolist()
