@@ -231,8 +231,9 @@ class Job:
     def open_input(self) -> Dataset:
         required = self._required_columns()
         strings = [self.prompt_column] if required and self.prompt_column in self.prompts.input_columns() else []
+        # A shard's planner checked ids across the whole input; every shard re-reading them is waste.
         return Dataset.open(self.input, self.input_fs, required=required, string_columns=strings,
-                            id_column=self.id_column)
+                            id_column=self.id_column, check_ids=self.shard is None)
 
     def _fingerprint(self, dataset: Dataset, seed) -> str:
         described = {

@@ -73,7 +73,9 @@ class Dataset:
 
     @classmethod
     def open(cls, location: str, fs=None, *, required: Sequence[str] = (), string_columns: Sequence[str] = (),
-             id_column: str | None = "id") -> "Dataset":
+             id_column: str | None = "id", check_ids: bool = True) -> "Dataset":
+        """``check_ids=False`` keeps the id column's type check but skips reading every id for
+        duplicates: for shards, whose planner checked the whole input once."""
         fs, path = to_fs(location, fs)
         files, schema = [], None
         for file in list_files(fs, path):
@@ -99,7 +101,7 @@ class Dataset:
             files.append(InputFile(file, int(fs.size(file)), _version(fs.info(file)), meta.num_rows))
             schema = schema or file_schema
         dataset = cls(fs, location, files, schema)
-        if id_column:
+        if id_column and check_ids:
             dataset.check_ids(id_column)
         return dataset
 
