@@ -33,7 +33,7 @@ from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, checked_text, context_limit, encode
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
-from airflow_hfllm.engine.vision import VisionGenerator, build_request, get_processor, get_vision_model, vision_spec
+from airflow_hfllm.engine.vision import VisionFastEngine, VisionGenerator, build_request, get_processor, get_vision_model, vision_spec
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
 from airflow_hfllm.io.images import (
     DEFAULT_MAX_BYTES,
@@ -419,6 +419,24 @@ class Job:
         return {"fingerprint": fp, "part": index, "model": self.model.to_dict(),
                 "generation": self.params.replace(seed=seed).to_dict(), "format": FORMAT_VERSION}
 
+    def _fast_or(self, loaded, progress: Progress, fast_class, batched, **fast_kwargs):
+        """The fast engine where the model and device allow (or ``engine='fast'`` asks), else ``batched()``;
+        the log says which and why."""
+        reason = "asked for" if self.engine == "batched" else unsupported_reason(loaded, fast_class.vision)
+        if reason is None and self.engine == "auto" and loaded.device.type != "cuda":
+            reason = "no GPU (the fast engine's CUDA graphs need one)"
+        if reason is None:
+            self.log.info("engine: fast (continuous batching, static KV cache%s) on %s",
+                          ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
+            return fast_class(loaded, self.params, slots=self.batch_size, should_stop=self.stop_event.is_set,
+                              on_batch=progress.batch, **fast_kwargs)
+        if self.engine == "fast":
+            raise ValueError(f"engine='fast' cannot run {self.model.model}: {reason}")
+        generator = batched()
+        self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
+                      loaded.device, generator.max_batch_size, generator.token_budget, reason)
+        return generator
+
     # -- chunks ------------------------------------------------------------------------------
     def _stream(self, chunks, loaded, engine: FastEngine, seed: int, fp: str, progress: Progress, commit) -> None:
         """The fast engine over all chunks as one stream of rows, so its batch stays full across chunk
@@ -563,22 +581,9 @@ class TextJob(Job):
         return get_model(self.model, self.hub)
 
     def _generator(self, loaded, progress: Progress):
-        reason = "asked for" if self.engine == "batched" else unsupported_reason(loaded)
-        if reason is None and self.engine == "auto" and loaded.device.type != "cuda":
-            reason = "no GPU (the fast engine's CUDA graphs need one)"
-        if reason is None:
-            self.log.info("engine: fast (continuous batching, static KV cache%s) on %s",
-                          ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
-            return FastEngine(loaded, self.params, slots=self.batch_size, should_stop=self.stop_event.is_set,
-                              on_batch=progress.batch)
-        if self.engine == "fast":
-            raise ValueError(f"engine='fast' cannot run {self.model.model}: {reason}")
-        generator = BatchedGenerator(loaded, self.params, max_batch_size=self.batch_size,
-                                     token_budget=self.token_budget, should_stop=self.stop_event.is_set,
-                                     on_batch=progress.batch)
-        self.log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
-                      loaded.device, generator.max_batch_size, generator.token_budget, reason)
-        return generator
+        return self._fast_or(loaded, progress, FastEngine, lambda: BatchedGenerator(
+            loaded, self.params, max_batch_size=self.batch_size, token_budget=self.token_budget,
+            should_stop=self.stop_event.is_set, on_batch=progress.batch))
 
     def _build_request(self, row: dict, prepared, loaded) -> Request:
         return Request(encode(loaded.tokenizer, prepared), self._max_new_tokens(row))
@@ -606,8 +611,8 @@ class VisionJob(Job):
     :param max_image_bytes: largest encoded image accepted.
     :param image_backend: ``auto`` (``qwen_vl_utils`` where it imports, else the PIL implementation of
         the same resize), ``qwen-vl-utils`` or ``pil``.
-    :param engine: ``auto`` or ``batched`` (padded batches of ``generate()``); the fast engine is
-        text-only.
+    :param engine: ``auto`` (the fast engine, :class:`~airflow_hfllm.engine.vision.VisionFastEngine`, on
+        a GPU for Qwen2-VL / Qwen2.5-VL), ``fast`` or ``batched`` (padded batches of ``generate()``).
 
     ``params`` defaults to greedy decoding (``do_sample=False``), as the spec's image model did; the
     other parameters are :class:`TextJob`'s, except ``messages_column`` (not supported here).
@@ -629,8 +634,6 @@ class VisionJob(Job):
         super().__post_init__()
         if self.messages_column:
             raise ValueError("VisionJob takes prompt_column or prompt_template, not messages_column")
-        if self.engine == "fast":
-            raise ValueError("engine='fast' is text-only; vision jobs run batched generate()")
         self.model = vision_spec(self.model)
         self.images = ImageLoader(self.min_pixels, self.max_pixels, allow_http=self.allow_http_images,
                                   fs=self.image_fs, max_bytes=self.max_image_bytes, backend=self.image_backend)
@@ -664,13 +667,10 @@ class VisionJob(Job):
         return loaded
 
     def _generator(self, loaded, progress: Progress):
-        generator = VisionGenerator(loaded, self.params, self.processor, self.images,
-                                    max_batch_size=self.batch_size, token_budget=self.token_budget,
-                                    should_stop=self.stop_event.is_set, on_batch=progress.batch)
-        self.log.info("engine: batched generate() over images on %s (batch cap %d rows, token budget %d, "
-                      "%d image decode threads)", loaded.device, generator.max_batch_size, generator.token_budget,
-                      generator.decode_workers)
-        return generator
+        return self._fast_or(loaded, progress, VisionFastEngine, lambda: VisionGenerator(
+            loaded, self.params, self.processor, self.images, max_batch_size=self.batch_size,
+            token_budget=self.token_budget, should_stop=self.stop_event.is_set, on_batch=progress.batch),
+            processor=self.processor, images=self.images)
 
     def _prepare(self, row: dict):
         messages = self.prompts.messages(row)

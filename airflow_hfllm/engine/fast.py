@@ -30,16 +30,29 @@ from airflow_hfllm.engine.spec import GenerationParams
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+VISION_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
 MASK64 = (1 << 63) - 1
 
 
-def unsupported_reason(loaded: LoadedModel) -> str | None:
-    """Why the fast engine cannot run this model, or ``None`` when it can."""
+def text_model(model):
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM or a vision-language model."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "language_model", None) or inner
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
+    """Why the fast engine (``vision``: :class:`~airflow_hfllm.engine.vision.VisionFastEngine`) cannot
+    run this model, or ``None`` when it can."""
     model = loaded.model
-    cfg = model.config
-    if cfg.model_type not in ARCHITECTURES:
-        return f"architecture {cfg.model_type!r} is not one of {ARCHITECTURES}"
+    archs = VISION_ARCHITECTURES if vision else ARCHITECTURES
+    if model.config.model_type not in archs:
+        return f"architecture {model.config.model_type!r} is not one of {archs}"
+    cfg = text_config(model.config)
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or \
             getattr(cfg, "quantization_config", None):
         return "quantized weights"
@@ -50,7 +63,9 @@ def unsupported_reason(loaded: LoadedModel) -> str | None:
         return f"rope type {rope.get('rope_type')!r}"
     if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
         return "sliding-window attention"
-    if not hasattr(model, "model") or not hasattr(model.model, "layers") or not hasattr(model.model, "rotary_emb"):
+    base = text_model(model)
+    if base is None or not all(hasattr(base, a) for a in ("layers", "rotary_emb", "embed_tokens", "norm")) \
+            or not hasattr(model, "lm_head"):
         return "unexpected module layout"
     return None
 
@@ -88,10 +103,12 @@ class FastEngine:
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
     """
 
+    vision = False
+
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
-        reason = unsupported_reason(loaded)
+        reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
         if params.num_beams != 1:
@@ -102,8 +119,11 @@ class FastEngine:
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
-        cfg = self.model.config
-        self.layers = list(self.model.model.layers)
+        cfg = text_config(self.model.config)
+        self.base = text_model(self.model)
+        self.layers = list(self.base.layers)
+        self.mrope_section = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+                              or {}).get("mrope_section")
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -122,6 +142,7 @@ class FastEngine:
         self._shape = None  # (slots, max_len) of the allocated state
         self._graph = None
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
+        self._early: list[tuple[Any, Completion]] = []  # rows that end before taking a slot (vision: bad image)
 
     # -- sizing ------------------------------------------------------------------------------------
     def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
@@ -166,7 +187,9 @@ class FastEngine:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(n)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(n)]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # last token, input of the next step
-        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)  # its position
+        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)  # its index in the KV cache
+        # rope position minus KV index: 0 for text; multimodal rope gives an image fewer positions than tokens
+        self.rope_offset = torch.zeros(slots, dtype=torch.long, device=dev)
         self.n_gen = torch.zeros(slots, dtype=torch.long, device=dev)
         self.max_new = torch.ones(slots, dtype=torch.long, device=dev)
         self.done = torch.ones(slots, dtype=torch.bool, device=dev)
@@ -199,15 +222,27 @@ class FastEngine:
         x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, self.heads * self.head_dim))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
-    def _prefill(self, ids, lengths, slot_idx):
-        """ids [n, T] right-padded prompts into slots ``slot_idx``; returns last-position logits [n, V]."""
+    def _rope(self, x, positions):
+        """cos, sin [n, T, head_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope)."""
+        import torch
+
+        if self.mrope_section and positions.dim() == 2:  # the same position on the t, h and w axes
+            positions = positions[None].expand(3, -1, -1)
+        cos, sin = self.base.rotary_emb(x, positions)
+        if cos.dim() == 4:  # older multimodal rope returns the three (t, h, w) tables; pick their sections
+            sections = list(self.mrope_section) * 2
+            cos, sin = (torch.cat([m[i % 3] for i, m in enumerate(c.split(sections, dim=-1))], dim=-1)
+                        for c in (cos, sin))
+        return cos, sin
+
+    def _prefill(self, x, positions, lengths, slot_idx):
+        """Embedded prompts x [n, T, D], right-padded, into slots ``slot_idx``; returns last-position
+        logits [n, V]."""
         import torch
         import torch.nn.functional as F
 
-        n, t = ids.shape
-        positions = torch.arange(t, device=self.device).expand(n, t)
-        x = self.model.model.embed_tokens(ids)
-        cos, sin = self.model.model.rotary_emb(x, positions)
+        n, t, _ = x.shape
+        cos, sin = self._rope(x, positions)
 
         def write(l, k, v):
             self.k_cache[l][slot_idx, :, :t] = k
@@ -221,13 +256,13 @@ class FastEngine:
         for layer in self.layers:
             x = self._attention_block(layer, x, cos, sin, write, attend)
         last = x[torch.arange(n, device=self.device), lengths - 1]
-        return self.model.lm_head(self.model.model.norm(last)).float()
+        return self.model.lm_head(self.base.norm(last)).float()
 
     def _decode_logits(self):
         import torch.nn.functional as F
 
-        x = self.model.model.embed_tokens(self.tokens[:, None])
-        cos, sin = self.model.model.rotary_emb(x, self.pos[:, None])
+        x = self.base.embed_tokens(self.tokens[:, None])
+        cos, sin = self._rope(x, (self.pos + self.rope_offset)[:, None])
         mask = (self.arange_len[None, :] <= self.pos[:, None])[:, None, None, :]
 
         def write(l, k, v):
@@ -240,7 +275,7 @@ class FastEngine:
 
         for layer in self.layers:
             x = self._attention_block(layer, x, cos, sin, write, attend)
-        return self.model.lm_head(self.model.model.norm(x[:, 0])).float()
+        return self.model.lm_head(self.base.norm(x[:, 0])).float()
 
     # -- sampling ------------------------------------------------------------------------------------
     def _pick(self, logits, seeds, step, generated, presence):
@@ -348,6 +383,7 @@ class FastEngine:
                     exhausted = True
                 else:
                     window.append(item)
+                    self._enqueue(item)
 
         pull(lookahead)
         if not window:
@@ -357,6 +393,7 @@ class FastEngine:
             while True:
                 if self.should_stop():
                     raise Cancelled("stopped between decode steps")
+                yield from self._take_early()
                 if not any(o is not None for o in owner):
                     if not window:
                         return
@@ -365,9 +402,20 @@ class FastEngine:
                         owner = [None] * self._shape[0]
                         self.done.fill_(True)
                 self._admit_waiting(window, owner, seed)
+                yield from self._take_early()
+                if not any(o is not None for o in owner):  # every admitted row ended early (vision: bad images)
+                    pull(max(lookahead, 2 * len(owner)))
+                    continue
                 self._run_steps()
                 yield from self._harvest(owner)
                 pull(max(lookahead, 2 * len(owner)))
+
+    def _enqueue(self, item: tuple[Any, Request, Any]) -> None:
+        """Called as an item enters the window (the vision engine starts decoding its images)."""
+
+    def _take_early(self) -> list[tuple[Any, Completion]]:
+        early, self._early = self._early, []
+        return early
 
     def _fits(self, request: Request) -> bool:
         return len(request.input_ids) + request.max_new_tokens <= self._shape[1]
@@ -392,17 +440,28 @@ class FastEngine:
             self._admit([r for _, r, _ in group], taken, [row_seed(seed, key) for _, _, key in group])
         window[:] = [x for x in window if id(x) not in admitted]
 
-    def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int]) -> None:
+    def _inputs(self, group: list[Request]):
+        """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n]
+        or ``None``) of a prefill group, on the device."""
         import torch
 
-        dev = self.device
         n, width = len(group), max(len(r.input_ids) for r in group)
         ids = torch.zeros((n, width), dtype=torch.long)
         for row, r in enumerate(group):
             ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
+        ids = ids.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(n, width)
+        return ids, self.base.embed_tokens(ids), positions, None
+
+    def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int]) -> None:
+        import torch
+
+        dev = self.device
+        started = time.monotonic()
+        ids, x, positions, offsets = self._inputs(group)
+        n, width = ids.shape
         lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
         slot_idx = torch.tensor(slot_list, device=dev)
-        ids = ids.to(dev)
         seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
         max_new = torch.tensor([r.max_new_tokens for r in group], device=dev)
         presence = None
@@ -413,13 +472,13 @@ class FastEngine:
             presence = self.presence
             presence[slot_idx[rows[valid]], ids[valid]] = True
             presence = presence[slot_idx]
-        started = time.monotonic()
-        logits = self._prefill(ids, lengths, slot_idx)
+        logits = self._prefill(x, positions, lengths, slot_idx)
         first = self._pick(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
         if self.presence is not None:
             self.presence[slot_idx, first] = True
         self.tokens[slot_idx] = first
         self.pos[slot_idx] = lengths
+        self.rope_offset[slot_idx] = 0 if offsets is None else offsets
         self.n_gen[slot_idx] = 1
         self.max_new[slot_idx] = max_new
         self.seeds[slot_idx] = seeds_t

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from airflow_hfllm.engine.cache import MODEL_CACHE, ModelCache
+from airflow_hfllm.engine.fast import FastEngine
 from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Completion, Request, generate_kwargs
 from airflow_hfllm.engine.loading import HubOptions, LoadedModel, get_model, prepare_tokenizer
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
@@ -314,3 +315,159 @@ class VisionGenerator(BatchedGenerator):
             self._warned_count = True
             log.warning("the processor produced other prompt lengths than counted for batching (%s vs %s); "
                         "prompt_tokens may be off", got[:4], expected[:4])
+
+
+# -- the fast engine over images -------------------------------------------------------------------
+@dataclass
+class _Pixels:
+    """A row ready to prefill: its ids (each image placeholder expanded to its image's tokens) and its
+    images as the vision tower takes them (flattened patches, grid per image)."""
+
+    ids: list[int]
+    pixel_values: Any
+    grid: Any
+
+
+class VisionFastEngine(FastEngine):
+    """The fast engine (:mod:`airflow_hfllm.engine.fast`) for Qwen2-VL / Qwen2.5-VL rows.
+
+    A prefill group runs the vision tower once over all its images (attention packed by
+    :func:`~airflow_hfllm.engine.vision_attention.pack_vision_attention`), scatters the image
+    embeddings into the prompt embeddings and runs the decoder with the model's own multimodal rope
+    positions (``get_rope_index``). Decoding then needs no images: text positions after the prompt are
+    equal on the three rope axes, which is plain rope at ``KV index + offset``, the offset being how
+    many positions the images saved. Images are decoded, resized and patched in threads ahead of their
+    admission; a row whose image fails ends with an ``error`` without taking a slot.
+
+    :param prefetch: rows whose images are prepared ahead of admission (bounds host memory).
+    """
+
+    vision = True
+
+    def __init__(self, loaded: LoadedModel, params: GenerationParams, processor: LoadedProcessor,
+                 images: ImageLoader, *, decode_workers: int | None = None, prefetch: int = 128, **kwargs):
+        super().__init__(loaded, params, **kwargs)
+        import threading
+
+        from airflow_hfllm.engine.vision_attention import pack_vision_attention
+
+        self.processor, self.images = processor, images
+        self.decode_workers = decode_workers or max(1, min(8, (os.cpu_count() or 2) - 1))
+        self.prefetch = prefetch
+        self.packed_attention_modules = pack_vision_attention(self.model)
+        self.image_token = int(getattr(self.model.config, "image_token_id", None) or processor.image_token_id)
+        vision_cfg = getattr(self.model.config, "vision_config", None)
+        self.merge = int(getattr(vision_cfg, "spatial_merge_size", 2))
+        inner = self.model.model
+        self._rope_index = getattr(inner, "get_rope_index", None) or self.model.get_rope_index
+        self._image_features = getattr(inner, "get_image_features", None) or self.model.get_image_features
+        import inspect
+
+        self._rope_takes_types = "mm_token_type_ids" in inspect.signature(self._rope_index).parameters
+        self._tokenizer_lock = threading.Lock()
+        self._pool = None
+        self._queued: list = []  # requests in arrival order whose images are not submitted yet
+        self._futures: dict[int, Future] = {}
+        self._ready: dict[int, _Pixels] = {}
+
+    def stream(self, items, seed=None, lookahead: int = 1024):
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="hfllm-images") as pool:
+            self._pool = pool
+            try:
+                yield from super().stream(items, seed, lookahead)
+            finally:
+                for future in self._futures.values():
+                    future.cancel()
+                self._pool, self._queued, self._futures, self._ready = None, [], {}, {}
+
+    def _enqueue(self, item) -> None:
+        self._queued.append(item[1])
+        self._submit()
+
+    def _submit(self) -> None:
+        while self._queued and len(self._futures) + len(self._ready) < self.prefetch:
+            request = self._queued.pop(0)
+            self._futures[id(request)] = self._pool.submit(self._pixels, request)
+
+    def _pixels(self, request: VisionRequest) -> _Pixels | str:
+        """Decode, resize and patch the row's images (in a worker thread); the error text on failure."""
+        n = len(request.images)
+        decoded = []
+        for k, probed in enumerate(request.images):
+            try:
+                decoded.append(self.images.load(probed))
+            except ImageError as exc:
+                return f"image {k + 1} of {n}: {exc}" if n > 1 else str(exc)
+        try:
+            out = self.processor.image_processor(
+                images=decoded, return_tensors="pt",
+                size={"shortest_edge": self.images.min_pixels, "longest_edge": self.images.max_pixels})
+        except Exception as exc:
+            return f"image processor failed ({type(exc).__name__}: {str(exc)[:200]})"
+        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from several threads at once
+            ids = list(self.processor.tokenizer(request.text)["input_ids"])
+        counts = (out["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
+        placeholders = [n for n, token in enumerate(ids) if token == self.image_token]
+        if len(placeholders) != len(counts):
+            return f"the prompt has {len(placeholders)} image placeholders for {len(counts)} images"
+        expanded, start = [], 0
+        for position, count in zip(placeholders, counts):
+            expanded += ids[start:position] + [self.image_token] * count
+            start = position + 1
+        expanded += ids[start:]
+        return _Pixels(expanded, out["pixel_values"].to(self.dtype), out["image_grid_thw"])
+
+    def _admit_waiting(self, window: list, owner: list, seed: int) -> None:
+        """Resolve the images of the rows about to be admitted; rows that failed leave the window."""
+        free = sum(o is None for o in owner)
+        while True:
+            ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:free]
+            pending = [x for x in ready if id(x[1]) not in self._ready]
+            if not pending:
+                break
+            for item in pending:
+                tag, request, _ = item
+                future = self._futures.pop(id(request), None)
+                if future is None:  # not prefetched yet: prepare it now
+                    self._queued.remove(request)
+                    got = self._pixels(request)
+                else:
+                    got = future.result()
+                if isinstance(got, str):
+                    window.remove(item)
+                    self._early.append((tag, Completion(None, 0, "error", got)))
+                else:
+                    request.input_ids = got.ids  # exact length, for slot sizing and longest-first order
+                    self._ready[id(request)] = got
+            self._submit()
+        super()._admit_waiting(window, owner, seed)
+        self._submit()
+
+    def _inputs(self, group: list[Request]):
+        import torch
+
+        dev = self.device
+        rows = [self._ready.pop(id(r)) for r in group]
+        n, width = len(rows), max(len(r.ids) for r in rows)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, :len(r.ids)] = torch.tensor(r.ids)
+        ids = ids.to(dev)
+        lengths = torch.tensor([len(r.ids) for r in rows], device=dev)
+        mask = torch.arange(width, device=dev)[None, :] < lengths[:, None]
+        pixel_values = torch.cat([r.pixel_values for r in rows]).to(dev, non_blocking=True)
+        grid = torch.cat([r.grid for r in rows]).to(dev)
+        x = self.base.embed_tokens(ids)
+        features = self._image_features(pixel_values, grid)
+        features = getattr(features, "pooler_output", features)
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features))
+        x[ids == self.image_token] = features.to(x.dtype)
+        types = (ids == self.image_token).int()
+        kwargs = dict(image_grid_thw=grid, attention_mask=mask.long())
+        if self._rope_takes_types:
+            kwargs["mm_token_type_ids"] = types
+        positions, _ = self._rope_index(ids, **kwargs)
+        # The next text position after each prompt, as an offset from its KV index.
+        last = positions.masked_fill(~mask[None], -1).amax(dim=(0, 2))
+        return ids, x, positions, last + 1 - lengths

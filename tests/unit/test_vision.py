@@ -321,6 +321,66 @@ def test_batched_generation_equals_one_row_at_a_time(tiny_vl, tmp_path, monkeypa
     pd.testing.assert_series_equal(batched.finish_reason, single.finish_reason)
 
 
+def test_fast_engine_equals_batched_generate(tiny_vl, tmp_path):
+    """The vision fast engine (prefill with images and multimodal rope, then decode from the static KV
+    cache at rope position = KV index + offset) gives batched generate()'s greedy outputs, with rows
+    joining and leaving 4 slots, packed vision attention, and bad images ending as error rows."""
+    from airflow_hfllm.engine.vision import VisionFastEngine
+
+    rows = good_rows(tmp_path / "images", 14)
+    rows[6]["image"] = [str(tmp_path / "images" / "missing.png")]
+    (tmp_path / "images" / "broken.png").write_bytes(encoded(make_image(78, size=(300, 200)))[:4000])
+    rows[9]["image"] = [str(tmp_path / "images" / "broken.png")]  # fails only when decoded, in a thread
+    write_manifest(tmp_path, rows)
+    engines = []
+    original = VisionFastEngine.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        engines.append(self)
+
+    VisionFastEngine.__init__ = recording
+    try:
+        fast = job(tiny_vl, tmp_path, out="fast", engine="fast", batch_size=4, max_error_rate=0.5).run()
+    finally:
+        VisionFastEngine.__init__ = original
+    job(tiny_vl, tmp_path, out="batched", engine="batched", max_error_rate=0.5).run()
+    assert fast["engine"] == "fast" and engines[0].packed_attention_modules > 0
+    assert engines[0].steps > 16  # several replays: rows came and went through 4 slots
+    assert (engines[0].rope_offset != 0).any()  # images take fewer rope positions than tokens
+    a, b = read(tmp_path / "fast"), read(tmp_path / "batched")
+    assert a.loc[6, "error"] == "image not found" and "corrupt image data" in a.loc[9, "error"]
+    good = a.drop(index=[6, 9])
+    assert good.output.nunique() == 12 and (good.output_tokens >= 8).all()
+    assert good.prompt_tokens.nunique() > 6  # mixed image sizes
+    for column in ("output", "finish_reason", "output_tokens", "prompt_tokens", "error"):
+        pd.testing.assert_series_equal(a[column], b[column])
+
+
+def test_packed_vision_attention_equals_the_models_own(tiny_vl):
+    """The vision tower with attention packed by length gives the stock per-window loop's features."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from airflow_hfllm.engine.vision_attention import pack_vision_attention
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vl, dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_vl)
+    images = [make_image(k, size=(28 * (3 + k), 28 * (9 - k))) for k in range(5)]  # windows of many lengths
+    inputs = processor(images=images, return_tensors="pt")
+
+    def features():
+        with torch.inference_mode():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        return torch.cat(list(getattr(out, "pooler_output", out)))
+
+    stock = features()
+    assert pack_vision_attention(model) == model.config.vision_config.depth
+    packed = features()
+    assert stock.shape[0] == int((inputs["image_grid_thw"].prod(-1) // 4).sum())
+    torch.testing.assert_close(packed, stock, rtol=1e-4, atol=1e-4)
+
+
 def test_a_row_the_processor_rejects_is_an_error_row(tiny_vl, tmp_path, monkeypatch):
     from airflow_hfllm.engine.vision import VisionGenerator
 
@@ -385,8 +445,6 @@ def test_up_front_errors(tiny_vl, tmp_path):
     pd.DataFrame({"id": [1], "prompt": ["x"]}).to_parquet(tmp_path / "in.parquet")
     with pytest.raises(InputError, match="missing column 'image'"):
         job(tiny_vl, tmp_path).run()
-    with pytest.raises(ValueError, match="text-only"):
-        job(tiny_vl, tmp_path, engine="fast")
     with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
         job(tiny_vl, tmp_path, min_pixels=10, max_pixels=5)
 
