@@ -163,6 +163,7 @@ class HFGenerateBaseOperator(BaseOperator):
         self.shard = shard
         self.output_asset = output_asset
         self._job = None
+        self._manifest = None  # kept for the OpenLineage facets of the finished run
 
     @cached_property
     def hook(self) -> HuggingFaceHook:
@@ -234,6 +235,7 @@ class HFGenerateBaseOperator(BaseOperator):
         # Before anything starts CUDA: on a worker with several GPUs, take one no other task holds.
         self._gpu = claim_gpu()
         self._job = self.build_job(context)
+        self._manifest = None
         try:
             manifest = self._job.run()
         except (InputError, ErrorRateExceeded) as exc:
@@ -250,8 +252,33 @@ class HFGenerateBaseOperator(BaseOperator):
                 "output": manifest["output"], "rows": manifest["counts"]["rows"],
                 "fingerprint": manifest["fingerprint"],
             }
+        self._manifest = manifest
         return manifest
 
     def on_kill(self) -> None:
         if self._job is not None:
             self._job.cancel()
+
+    def _model_spec_for_lineage(self) -> dict:
+        """The model as the task was asked for it, before a manifest says what was loaded."""
+        from airflow_hfllm.engine.spec import normalize_quantization
+
+        return {"model": self.base_model, "revision": self.revision or None, "dtype": self.dtype,
+                "quantization": normalize_quantization(self.quantization),
+                "adapter": getattr(self, "peft_model", None) or None}
+
+    def _lineage(self, manifest: dict | None):
+        # Only the OpenLineage provider calls these methods: its imports stay out of DAG parsing.
+        from airflow_hfllm.operators.lineage import generate_lineage
+
+        return generate_lineage(self.input_path, self.output_path, self._model_spec_for_lineage(), manifest,
+                                output_files=fs_and_path(self.output_path), log=self.log)
+
+    def get_openlineage_facets_on_start(self):
+        """Input, model and output datasets (templates are rendered by then)."""
+        return self._lineage(None)
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        """As at start, plus the output's schema and statistics and the run's counts, tokens and timings
+        from the manifest. No prompt or output text, no credentials."""
+        return self._lineage(self._manifest)

@@ -19,16 +19,17 @@ class HFShardPlanOperator(BaseOperator):
     ``HFTextGenerateOperator.partial(...).expand_kwargs(plan.output)``.
 
     :param input_path: as the generate operator's (templated).
-    :param shards: how many shards (at most one per chunk).
+    :param shards: how many shards (at most one per chunk). Templated (``"{{ params.shards }}"``); a
+        rendered string is read as an integer.
     :param chunk_rows: must equal the generate operator's ``chunk_rows``.
     :param id_column: unique join key column.
     :param required_columns: columns every input file must have (default: id and prompt).
     :param seed: sampling seed for every shard; ``None`` draws one here, so all shards share it.
     """
 
-    template_fields: Sequence[str] = ("input_path",)
+    template_fields: Sequence[str] = ("input_path", "shards")
 
-    def __init__(self, *, input_path: Any, shards: int, chunk_rows: int = 1000, id_column: str = "id",
+    def __init__(self, *, input_path: Any, shards: int | str, chunk_rows: int = 1000, id_column: str = "id",
                  required_columns: Sequence[str] = ("prompt",), seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.input_path = input_path
@@ -44,10 +45,15 @@ class HFShardPlanOperator(BaseOperator):
 
         fs, path = fs_and_path(self.input_path)
         dataset = Dataset.open(path, fs, required=[self.id_column, *self.required_columns], id_column=self.id_column)
-        plan = plan_shards(dataset, self.chunk_rows, self.shards, self.seed)
+        plan = plan_shards(dataset, self.chunk_rows, int(self.shards), self.seed)
         self.log.info("%d rows in %d chunks -> %d shards: %s", dataset.rows, dataset.num_chunks(self.chunk_rows),
                       len(plan), [(s["first_chunk"], s["end_chunk"], s["rows"]) for s in plan])
         return [{"shard": shard} for shard in plan]
+
+    def get_openlineage_facets_on_start(self):
+        from airflow_hfllm.operators.lineage import shard_plan_lineage
+
+        return shard_plan_lineage(self.input_path)
 
 
 class HFMergeShardsOperator(BaseOperator):
@@ -63,6 +69,7 @@ class HFMergeShardsOperator(BaseOperator):
     def __init__(self, *, output_path: Any, **kwargs):
         super().__init__(**kwargs)
         self.output_path = output_path
+        self._manifest = None  # kept for the OpenLineage facets
 
     def execute(self, context: Context) -> dict:
         from airflow_hfllm.io.parts import OutputDir
@@ -76,4 +83,16 @@ class HFMergeShardsOperator(BaseOperator):
         manifest = merge_shards(OutputDir(fs, path))
         self.log.info("merged %d shards: %d rows in %d parts", len(manifest["shards"]), manifest["counts"]["rows"],
                       len(manifest["parts"]))
+        self._manifest = manifest
         return manifest
+
+    def get_openlineage_facets_on_start(self):
+        from airflow_hfllm.operators.lineage import merge_lineage
+
+        return merge_lineage(self.output_path, None)
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        """The merged output's row and part counts over every shard."""
+        from airflow_hfllm.operators.lineage import merge_lineage
+
+        return merge_lineage(self.output_path, self._manifest)

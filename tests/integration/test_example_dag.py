@@ -22,11 +22,13 @@ def run_dag(tmp_path, dag_id, date, conf=None, **env):
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         PYTHONPATH=str(ROOT),
+        HFLLM_DAG_RESULT=str(tmp_path / f"result-{dag_id}-{date}.txt"),
         **env,
     )
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "integration" / "dag_runner.py"), dag_id, date,
                            json.dumps(conf or {})], env=environ, capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    result = Path(environ["HFLLM_DAG_RESULT"])
+    line = result.read_text() if result.exists() else None
     assert line, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(line[len("RESULT "):]), done.stdout + done.stderr
 
