@@ -1,9 +1,11 @@
 """Daily text generation over a ``ds`` partition: backfill-ready, retry-safe.
 
-Each run reads ``{input}`` and writes ``{output}/ds=YYYY-MM-DD/``; a retry or a backfill of the same
-date skips the parts already written. Defaults come from the environment so ``make demo`` can point
-the DAG at a tiny offline model; on a real deployment set the params (or the variables) to a hub id
-and object-store paths such as ``s3://aws_default@bucket/prompts/{{ ds }}/``.
+Each run reads the ``input`` param (a ``{ds}`` in it becomes the run's date, for daily prompt
+partitions) and writes ``<output>/ds=YYYY-MM-DD/``; a retry or a backfill of the same date skips the
+parts already written. Defaults come from the environment so ``make demo`` can point the DAG at a tiny
+offline model; on a real deployment set the params to a hub id and object-store paths such as
+``s3://aws_default@bucket/prompts/ds={ds}/`` (a param is not rendered again, so ``{{ ds }}`` in it
+would stay literal: hence the ``{ds}`` placeholder).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ with DAG(
         "model": Param(os.environ.get("HFLLM_MODEL", f"{DEMO}/models/tiny-chat"), type="string",
                        description="hub id or local folder of the causal LM"),
         "input": Param(os.environ.get("HFLLM_INPUT", f"{DEMO}/input"), type="string",
-                       description="Parquet file, folder or glob of prompts (id, prompt)"),
+                       description="Parquet file, folder or glob of prompts (id, prompt); {ds} becomes the date"),
         "output": Param(os.environ.get("HFLLM_OUTPUT", f"{DEMO}/output"), type="string",
                         description="output root; each run writes ds=<date>/ under it"),
     },
@@ -39,7 +41,7 @@ with DAG(
     HFTextGenerateOperator(
         task_id="generate",
         base_model="{{ params.model }}",
-        input_path="{{ params.input }}",
+        input_path="{{ params.input | replace('{ds}', ds) }}",
         output_path="{{ params.output }}/ds={{ ds }}",
         system_prompt="You are a concise assistant.",
         safety_checkers=[c for c in os.environ.get("HFLLM_SAFETY", "").split(",") if c],
@@ -49,5 +51,7 @@ with DAG(
         seed=1234,  # fixed: a backfill regenerates a partition identically
         output_asset=OUTPUT_ASSET,
         chunk_rows=int(os.environ.get("HFLLM_CHUNK_ROWS", "1000")),
+        queue=os.environ.get("HFLLM_GPU_QUEUE", "default"),  # "gpu" on a Celery deployment
+        pool=os.environ.get("HFLLM_GPU_POOL", "default_pool"),  # slots = GPUs
         retries=2,
     )

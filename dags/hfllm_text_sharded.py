@@ -3,6 +3,7 @@
 Route the generate tasks to GPU workers: ``queue="gpu"`` (Celery workers started with ``-q gpu``), a
 ``pool`` with as many slots as GPUs, and ``max_active_tis_per_dagrun`` to cap one run's share. Each
 shard writes its own parts into the one output folder; the merge writes ``_manifest.json``.
+The shard count is a param: trigger with conf ``{"shards": 8}`` to spread one run wider.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import DAG
+from airflow.sdk import DAG, Param
 
 from airflow_hfllm.operators.shards import HFMergeShardsOperator, HFShardPlanOperator
 from airflow_hfllm.operators.text import HFTextGenerateOperator
@@ -26,9 +27,11 @@ with DAG(
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     tags=["hfllm", "example"],
+    params={"shards": Param(int(os.environ.get("HFLLM_SHARDS", "4")), type="integer", minimum=1,
+                            description="how many generate tasks (at most one per input chunk)")},
 ) as dag:
-    plan = HFShardPlanOperator(task_id="plan", input_path=INPUT, shards=int(os.environ.get("HFLLM_SHARDS", "4")),
-                               chunk_rows=CHUNK_ROWS, seed=1234)
+    plan = HFShardPlanOperator(task_id="plan", input_path=INPUT, shards="{{ params.shards }}", chunk_rows=CHUNK_ROWS,
+                               seed=1234)
     generate = HFTextGenerateOperator.partial(
         task_id="generate",
         base_model=os.environ.get("HFLLM_MODEL", f"{DEMO}/models/tiny-chat"),
