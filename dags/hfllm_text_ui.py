@@ -45,4 +45,6 @@ with DAG(
         temperature="{{ params.temperature }}",
         safety_checkers="{{ [params.safety_checker] if params.safety else [] }}",
         seed=1234,
+        queue=os.environ.get("HFLLM_GPU_QUEUE", "default"),  # "gpu" on a Celery deployment
+        pool=os.environ.get("HFLLM_GPU_POOL", "default_pool"),  # slots = GPUs
     )

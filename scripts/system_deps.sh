@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs beyond the virtual environment (tests/e2e: PostgreSQL and Redis
-# servers). Idempotent and quick when everything is there; `make test` runs it first.
+# servers; Chromium for the browser test, whose own download Playwright can't reach, with a font so
+# its screenshots are legible). Idempotent and quick when everything is there; `make test` runs it first.
 # HFLLM_SKIP_E2E=1 (the end-to-end tests skipped) skips it too.
 set -euo pipefail
 
-PACKAGES="postgresql redis-server"
+PACKAGES="postgresql redis-server chromium chromium-driver fonts-liberation"
 
 [ "${HFLLM_SKIP_E2E:-}" = 1 ] && exit 0
 missing=()
