@@ -6,6 +6,9 @@ The DAGs are the repository's ``dags/``, pointed by ``HFLLM_*`` variables at a d
 a tiny offline model and a prompts Parquet file. Every process gets the same environment (``env``):
 a Celery worker parses the DAG file again, and must see the queue, pool and chunk size the DAG
 processor saw.
+
+To poke at one by hand: ``.venv/bin/python -m tests.e2e.cluster DIR`` starts it, prints the URL and
+the admin password, and stops it on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ class Cluster:
             d.mkdir(parents=True, exist_ok=True)
         # The model is built in the background: torch's import takes as long as Postgres's start.
         demo = self._spawn("demo", [sys.executable, "-c", _DEMO_SCRIPT, str(self.demo), str(self.model),
-                                    str(self.input_rows)], env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                                    str(self.input_rows)],
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         pg_port, redis_port, api_port = free_port(), free_port(), free_port()
         self._start_postgres(bins["pg"], pg_port, deadline)
         self._spawn("redis", [str(bins["redis"]), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -122,7 +126,7 @@ class Cluster:
             self._spawn(name, [*airflow, "celery", "worker", "-q", queues, "-c", "1", "-H", f"{name}@%h",
                                "--skip-serve-logs", "--without-mingle", "--without-gossip"],
                         env={**self.env, "HFLLM_E2E_WORKER": name,
-                             "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{__name__}.worker_hostname"})
+                             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.e2e.cluster.worker_hostname"})
         self._wait("the API server's health endpoint", self._healthy, deadline)
         for name in self.workers:
             self._wait(f"Celery {name} ready", lambda n=name: " ready." in _read(self.log_dir / f"{n}.log"), deadline)
@@ -294,11 +298,11 @@ class Cluster:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
             as_pg = ["runuser", "-u", "postgres", "--"]
         self._check("initdb", [*as_pg, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                               "-E", "UTF8", "--locale=C", "-N"], deadline)
+                               "-E", "UTF8", "--locale=C", "-N"], deadline, cwd=self._pg_dir)
         # Durability is worthless for a test database; Airflow's components hold many connections.
         self._spawn("postgres", [*as_pg, str(bin_dir / "postgres"), "-D", str(data), "-k", str(sock),
                                  "-h", "127.0.0.1", "-p", str(port), "-c", "fsync=off", "-c", "synchronous_commit=off",
-                                 "-c", "full_page_writes=off", "-c", "max_connections=300"])
+                                 "-c", "full_page_writes=off", "-c", "max_connections=300"], cwd=self._pg_dir)
         isready = [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
         self._wait("PostgreSQL accepting connections", lambda: subprocess.run(isready).returncode == 0, deadline)
         self._check("create the airflow role and database",
@@ -306,19 +310,19 @@ class Cluster:
                      "ON_ERROR_STOP=1", "-c", "CREATE ROLE airflow LOGIN PASSWORD 'airflow'",
                      "-c", "CREATE DATABASE airflow OWNER airflow"], deadline)
 
-    def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
         # Its own session, so stop() can signal the process with every child it forked.
         self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            cwd=self.root, start_new_session=True)
+                                            cwd=cwd or self.root, start_new_session=True)
         log.close()
         return self.procs[name]
 
-    def _check(self, what: str, cmd: list[str], deadline: float) -> None:
+    def _check(self, what: str, cmd: list[str], deadline: float, cwd: Path | None = None) -> None:
         log = self.log_dir / (what.replace(" ", "-") + ".log")
         with open(log, "ab") as out:
             try:
-                done = subprocess.run(cmd, env=self.env or None, stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
+                done = subprocess.run(cmd, env=self.env or None, stdout=out, stderr=subprocess.STDOUT, cwd=cwd or self.root,
                                       stdin=subprocess.DEVNULL, timeout=max(1.0, deadline - time.monotonic()),
                                       start_new_session=True)
             except subprocess.TimeoutExpired:
@@ -382,3 +386,18 @@ demo, model, rows = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 make_tiny_model(model, "causal-lm")
 write_prompts(demo / "input" / "prompts.parquet", rows)
 """
+
+
+if __name__ == "__main__":
+    c = Cluster(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="hfllm-cluster-")))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the finally below stops the cluster
+    try:
+        c.start()
+        print(f"{c.base_url}  user {c.user}  password {c.password}  logs {c.log_dir}", flush=True)
+        while all(p.poll() is None for n, p in c.procs.items() if n != "demo"):
+            time.sleep(2)
+        print("a process exited:\n" + c.report())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.stop()

@@ -56,6 +56,8 @@ def test_backfill_partitions_and_reprocess_regenerates_only_what_was_lost(cluste
     for k, ds in enumerate(DATES):
         write_prompts(inputs / f"ds={ds}" / "prompts.parquet", 12, start=100 * k)
     conf = {"input": str(inputs / "ds={ds}"), "output": str(out)}
+    # Backfill runs wait while the DAG is paused. Unpaused, the DAG also gets today's scheduled run
+    # (catchup=False), which writes under the default output, not here.
     cluster.unpause(DAG)
 
     run_ids = backfill(cluster, conf, "none")
