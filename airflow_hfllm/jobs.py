@@ -374,6 +374,7 @@ class Job:
             "output_tokens_per_second": round(this_attempt["output_tokens"] / gen_seconds, 1) if gen_seconds else None,
             "load_seconds": round(load_seconds, 3),
             "compile_seconds": round(getattr(generator, "capture_seconds", 0.0), 3) if todo else 0.0,
+            "engine_stats": generator.stats() if hasattr(generator, "stats") else None,
             "peak_gpu_memory_bytes": peak,
             "engine": engine_name,
             "device": device,

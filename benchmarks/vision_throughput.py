@@ -231,15 +231,26 @@ def run_path(path: str, args) -> dict:
         batches.clear()
         sync(device)
         t0 = time.monotonic()
+        profiler = None
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            profiler.__enter__()
         manifest = VisionJob(input=str(work / "images" / "manifest.parquet"),
                              output=str(work / f"out-{os.getpid()}"), **common).run()
         sync(device)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            with open(args.profile, "w") as f:
+                for key in ("self_cpu_time_total", "self_cuda_time_total", "cpu_time_total"):
+                    f.write(profiler.key_averages().table(sort_by=key, row_limit=40) + "\n")
         seconds = time.monotonic() - t0
         tokens = manifest["tokens"]["output"]
         assert manifest["counts"]["generated"] == n, manifest["counts"]
         if path == "ours":
             note = (f"end to end (manifest in, parts out); fast engine (packed vision attention, static KV "
-                    f"cache, CUDA-graph decode), graph capture {manifest['compile_seconds']} s included; ")
+                    f"cache, CUDA-graph decode), graph capture {manifest['compile_seconds']} s included; {manifest['engine_stats']}; ")
         else:
             cap = args.batch_size or BatchedGenerator(loaded, params).max_batch_size
             note = f"end to end (manifest in, parts out); batched generate(), batch cap {cap}, batches {batches}; "
@@ -310,6 +321,7 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="images, manifest and outputs (default: a temp folder)")
     parser.add_argument("--path-timeout", type=float, default=3600, help="seconds one path may take")
     parser.add_argument("--json", default=None, help="append results as JSON lines to this file")
+    parser.add_argument("--profile", default=None, help="ours: write torch.profiler tables to this file (slower)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiny = args.tiny
@@ -340,7 +352,7 @@ def main() -> int:
     results = []
     forwarded = ["--images", str(args.images), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
                  "--padded-batch", str(args.padded_batch), "--one-image-subset", str(args.one_image_subset),
-                 "--workdir", str(work)] + (["--tiny"] if tiny else []) + \
+                 "--workdir", str(work)] + (["--tiny"] if tiny else []) + (["--profile", args.profile] if args.profile else []) + \
                 (["--batch-size", str(args.batch_size)] if args.batch_size else [])
     for path in args.paths.split(","):
         try:

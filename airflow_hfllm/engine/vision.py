@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -345,7 +346,7 @@ class VisionFastEngine(FastEngine):
     vision = True
 
     def __init__(self, loaded: LoadedModel, params: GenerationParams, processor: LoadedProcessor,
-                 images: ImageLoader, *, decode_workers: int | None = None, prefetch: int = 128, **kwargs):
+                 images: ImageLoader, *, decode_workers: int | None = None, prefetch: int = 256, **kwargs):
         super().__init__(loaded, params, **kwargs)
         import threading
 
@@ -369,6 +370,7 @@ class VisionFastEngine(FastEngine):
         self._queued: list = []  # requests in arrival order whose images are not submitted yet
         self._futures: dict[int, Future] = {}
         self._ready: dict[int, _Pixels] = {}
+        self.image_wait_seconds = 0.0  # the host waiting for worker threads' images
 
     def stream(self, items, seed=None, lookahead: int = 1024):
         with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="hfllm-images") as pool:
@@ -385,6 +387,9 @@ class VisionFastEngine(FastEngine):
         self._submit()
 
     def _submit(self) -> None:
+        if not self._queued or len(self._futures) + len(self._ready) >= self.prefetch:
+            return
+        self._queued.sort(key=lambda r: -len(r.input_ids))  # the order rows are admitted in
         while self._queued and len(self._futures) + len(self._ready) < self.prefetch:
             request = self._queued.pop(0)
             self._futures[id(request)] = self._pool.submit(self._pixels, request)
@@ -399,9 +404,9 @@ class VisionFastEngine(FastEngine):
             except ImageError as exc:
                 return f"image {k + 1} of {n}: {exc}" if n > 1 else str(exc)
         try:
-            out = self.processor.image_processor(
-                images=decoded, return_tensors="pt",
-                size={"shortest_edge": self.images.min_pixels, "longest_edge": self.images.max_pixels})
+            # Already resized to multiples of the patch grid within the pixel bounds: the processor's
+            # own resize would be the identity, at the cost of a resample.
+            out = self.processor.image_processor(images=decoded, return_tensors="pt", do_resize=False)
         except Exception as exc:
             return f"image processor failed ({type(exc).__name__}: {str(exc)[:200]})"
         with self._tokenizer_lock:  # a fast tokenizer is not safe to call from several threads at once
@@ -415,33 +420,53 @@ class VisionFastEngine(FastEngine):
             expanded += ids[start:position] + [self.image_token] * count
             start = position + 1
         expanded += ids[start:]
-        return _Pixels(expanded, out["pixel_values"].to(self.dtype), out["image_grid_thw"])
+        pixels = out["pixel_values"].to(self.dtype)
+        if self.device.type == "cuda":  # pinned: the copy to the GPU is then asynchronous
+            pixels = pixels.pin_memory()
+        return _Pixels(expanded, pixels, out["image_grid_thw"])
 
-    def _admit_waiting(self, window: list, owner: list, seed: int) -> None:
-        """Resolve the images of the rows about to be admitted; rows that failed leave the window."""
-        free = sum(o is None for o in owner)
+    def _next_group(self, window: list, free: int) -> list:
+        """The next prefill group, its rows' images ready; waits only for the rows it takes, so the GPU
+        prefills one group while worker threads prepare the next. Rows whose images fail leave the
+        window with an error."""
         while True:
             ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:free]
-            pending = [x for x in ready if id(x[1]) not in self._ready]
-            if not pending:
-                break
-            for item in pending:
-                tag, request, _ = item
-                future = self._futures.pop(id(request), None)
-                if future is None:  # not prefetched yet: prepare it now
-                    self._queued.remove(request)
-                    got = self._pixels(request)
-                else:
-                    got = future.result()
-                if isinstance(got, str):
-                    window.remove(item)
-                    self._early.append((tag, Completion(None, 0, "error", got)))
-                else:
-                    request.input_ids = got.ids  # exact length, for slot sizing and longest-first order
-                    self._ready[id(request)] = got
+            group, width = [], 0
+            for item in ready:
+                got = self._resolve(item, window)
+                if got is None:
+                    continue
+                new_width = max(width, len(got.ids))
+                if group and new_width * (len(group) + 1) > self.prefill_tokens:
+                    break
+                group.append(item)
+                width = new_width
             self._submit()
-        super()._admit_waiting(window, owner, seed)
-        self._submit()
+            if group or not ready:
+                return group
+
+    def _resolve(self, item, window: list) -> _Pixels | None:
+        tag, request, _ = item
+        if id(request) in self._ready:
+            return self._ready[id(request)]
+        future = self._futures.pop(id(request), None)
+        if future is None:  # beyond the prefetch window: prepare it now, in a worker all the same
+            self._queued.remove(request)
+            future = self._pool.submit(self._pixels, request)
+        started = time.monotonic()
+        got = future.result()
+        self.image_wait_seconds += time.monotonic() - started
+        if isinstance(got, str):
+            window.remove(item)
+            self._early.append((tag, Completion(None, 0, "error", got)))
+            return None
+        request.input_ids = got.ids  # the exact length, for slot sizing and longest-first order
+        self._ready[id(request)] = got
+        return got
+
+    def stats(self) -> dict:
+        return {**super().stats(), "image_wait_seconds": round(self.image_wait_seconds, 3),
+                "packed_attention_modules": self.packed_attention_modules}
 
     def _inputs(self, group: list[Request]):
         import torch

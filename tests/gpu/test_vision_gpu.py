@@ -1,0 +1,27 @@
+"""The vision fast engine (CUDA graphs) vs batched generate() on a GPU, tiny Qwen2.5-VL in fp32."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+from tests.unit.test_vision import tiny_vl  # noqa: E402,F401  (the session fixture)
+
+
+def test_vision_fast_engine_agrees_with_generate_on_gpu(tiny_vl, tmp_path):
+    from tests.unit.test_vision import good_rows, job, read, write_manifest
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    write_manifest(tmp_path, good_rows(tmp_path / "images", 40))
+    fast = job(tiny_vl, tmp_path, out="fast", engine="fast", chunk_rows=40, batch_size=8).run()
+    batched = job(tiny_vl, tmp_path, out="batched", engine="batched", chunk_rows=40).run()
+    job(tiny_vl, tmp_path, out="single", engine="batched", chunk_rows=40, batch_size=1).run()
+    assert fast["engine"] == "fast" and fast["device"].startswith("cuda") and batched["engine"] == "batched-generate"
+    a, b, c = read(tmp_path / "fast"), read(tmp_path / "batched"), read(tmp_path / "single")
+    assert a.output.nunique() == 40 and (a.output_tokens >= 8).all()
+    rates = {"fast~batched": (a.output == b.output).mean(), "fast~single": (a.output == c.output).mean(),
+             "batched~single": (b.output == c.output).mean()}
+    print(f"\nvision, fp32 on {torch.cuda.get_device_name()}, rows agreeing of 40: {rates}")
+    assert rates["fast~single"] >= 0.95
