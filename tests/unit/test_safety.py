@@ -142,3 +142,51 @@ def test_a_checker_that_cannot_load_fails_the_job_before_any_work(tiny_lm, tmp_p
     with pytest.raises(OSError, match="no-such-model"):
         run(tiny_lm, tmp_path, [f"{kind}:{missing}"])
     assert not list((tmp_path / "out").glob("part-*")) and not (tmp_path / "out" / "_manifest.json").exists()
+
+
+class Marked(SafetyChecker):
+    """Flags prompts ending in #7 or #13 and outputs of an odd character count (deterministic)."""
+
+    name = "marked"
+
+    def check(self, texts, kind, context=None):
+        flags = [t.endswith(("#7", "#13")) if kind == "prompt" else len(t) % 2 == 1 for t in texts]
+        return [Verdict(self.name, not f, 0.9 if f else 0.1, ("marked",) if f else ()) for f in flags]
+
+
+def test_checks_overlapped_with_the_fast_engine_give_the_sequential_results(tiny_lm, tmp_path, monkeypatch):
+    """With the fast engine, prompt checks run ahead on a worker thread and output checks behind it,
+    in batches that cut across chunks; every flag, error and output equals the sequential path's."""
+    from airflow_hfllm.engine.checked import CheckedGeneration
+
+    monkeypatch.setitem(CheckedGeneration.__init__.__kwdefaults__, "batch_rows", 4)
+    monkeypatch.setitem(CheckedGeneration.__init__.__kwdefaults__, "ahead_rows", 8)
+    calls = []
+    original = CheckedGeneration._judge
+
+    def recording(self, texts, kind, context):
+        calls.append((kind, len(texts)))
+        return original(self, texts, kind, context)
+
+    monkeypatch.setattr(CheckedGeneration, "_judge", recording)
+
+    def edit(df):
+        df.loc[3, "prompt"] = None  # fails before any check
+        df.loc[21, "prompt"] = "poison " + df.loc[21, "prompt"]  # the checker errors on it
+        df.loc[26, "prompt"] = " ".join(["river"] * 400)  # over max_prompt_tokens, after its check
+
+    kw = dict(n=40, edit=edit, chunk_rows=5, batch_size=6, max_error_rate=0.5, max_prompt_tokens=300)
+    checkers = [Marked(), Flaky()]
+    fast, a = run(tiny_lm, tmp_path / "fast", checkers, engine="fast", **kw)
+    batched, b = run(tiny_lm, tmp_path / "batched", checkers, engine="batched", **kw)
+    assert fast["engine"] == "fast" and batched["engine"] == "batched-generate"
+    assert {kind for kind, _ in calls} == {"prompt", "output"} and max(n for _, n in calls) <= 4
+    pd.testing.assert_frame_equal(a, b)
+    assert fast["counts"] == batched["counts"]
+    assert set(a.finish_reason) >= {"unsafe_prompt", "unsafe_output", "error", "length"}
+    assert a.loc[[7, 13], "finish_reason"].eq("unsafe_prompt").all() and a.loc[[7, 13], "output"].isna().all()
+    assert "over the limit of 300" in a.loc[26, "error"] and a.loc[26, "prompt_safe"]
+    assert a.loc[21, "error"].startswith("safety checker flaky failed") and a.loc[3, "error"]
+    parts = sorted((tmp_path / "fast" / "out").glob("part-*.parquet"))
+    assert len(parts) == 8 and all(pd.read_parquet(p).id.tolist() == list(range(5 * k, 5 * k + 5))
+                                   for k, p in enumerate(parts))
