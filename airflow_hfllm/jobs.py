@@ -109,10 +109,6 @@ class _Chunk:
     order: list = field(default_factory=list)
     completions: dict = field(default_factory=dict)
     prompt_texts: dict = field(default_factory=dict)
-    rows: list = field(default_factory=list)
-    prepared: list = field(default_factory=list)
-    live: list = field(default_factory=list)  # rows still to generate after preparation
-    settled: int = 0  # live rows with their final result (overlapped checks)
 
     def __post_init__(self):
         n = self.n
@@ -462,8 +458,6 @@ class Job:
             chunk = open_chunks.pop(index)
             commit(index, self._finish_chunk(chunk, progress, self._schema_metadata(fp, seed, index)))
 
-        if self.checkers:
-            return self._stream_checked(chunks, loaded, engine, seed, fp, progress, commit)
         for (index, i), completion in engine.stream(rows(), seed=seed):
             chunk = open_chunks[index]
             chunk.completions[i] = completion
@@ -472,129 +466,73 @@ class Job:
         if open_chunks:  # every row the engine took must come back
             raise RuntimeError(f"fast engine returned no result for rows of chunks {sorted(open_chunks)}")
 
-    def _stream_checked(self, chunks, loaded, engine: FastEngine, seed: int, fp: str, progress: Progress,
-                        commit) -> None:
-        """:meth:`_stream` with safety checks overlapped with decoding
-        (:class:`~airflow_hfllm.engine.checked.CheckedGeneration`): a row goes to the engine once its
-        prompt passed and is settled once its output was judged; a part is written when all its rows
-        are settled."""
-        from airflow_hfllm.engine.checked import CheckedGeneration, Row
-
-        open_chunks: dict[int, _Chunk] = {}
-
-        def flush(index: int) -> None:
-            chunk = open_chunks.pop(index)
-            commit(index, self._part(chunk, progress, self._schema_metadata(fp, seed, index)))
-
-        def rows():
-            for index, table in chunks:
-                if self.stop_event.is_set():
-                    raise Cancelled("stopped between chunks")
-                chunk = open_chunks[index] = self._open_chunk(table)
-                if not chunk.live:
-                    flush(index)
-                for i in chunk.live:
-                    yield Row((index, i), chunk.prompt_texts[i], lambda c=chunk, i=i: self._request(c, i, loaded),
-                              chunk.keys[i])
-
-        checked = CheckedGeneration(engine, self.checkers)
-        for (index, i), result in checked.stream(rows(), seed=seed):
-            chunk = open_chunks[index]
-            self._judged_prompt(chunk, i, result.prompt, progress)
-            if result.error:
-                chunk.fail(i, result.error)
-            elif result.completion is not None and self._generated(chunk, i, result.completion) and result.output:
-                self._judged_output(chunk, i, result.output, progress)
-            chunk.settled += 1
-            if chunk.settled == len(chunk.live):
-                flush(index)
-        self.log.info("safety checks overlapped with decoding: %.1f s of checker time", checked.check_seconds)
-        if open_chunks:
-            raise RuntimeError(f"no result for rows of chunks {sorted(open_chunks)}")
-
     def _start_chunk(self, table: pa.Table, loaded, progress: Progress) -> "_Chunk":
         """Everything before generation: prompts, prompt checks, token limits."""
-        chunk = self._open_chunk(table)
-        live = chunk.live
-        if self.checkers:
-            for i, judgement in zip(live, judge(self.checkers, [chunk.prompt_texts[i] for i in live], "prompt")):
-                self._judged_prompt(chunk, i, judgement, progress)
-            live = [i for i in live if chunk.finish[i] is None]
-        for i in live:
+        rows = table.to_pylist()
+        chunk = _Chunk(table, len(rows), table.column(self.id_column).to_pylist())
+        prepared: list = [None] * chunk.n
+        for i, row in enumerate(rows):
             try:
-                chunk.requests[i] = self._request(chunk, i, loaded)
+                prepared[i] = self._prepare(row)
             except RowError as exc:
                 chunk.fail(i, str(exc))
+        live = [i for i in range(chunk.n) if chunk.finish[i] is None]
+        chunk.prompt_texts = {i: self._checked_text(prepared[i]) for i in live}
+
+        if self.checkers:
+            for i, judgement in zip(live, judge(self.checkers, [chunk.prompt_texts[i] for i in live], "prompt")):
+                chunk.prompt_safety[i] = [v.to_dict() for v in judgement.verdicts]
+                chunk.prompt_safe[i] = judgement.safe
+                if judgement.error:
+                    chunk.fail(i, judgement.error)
+                elif judgement.safe is False:
+                    chunk.finish[i] = "unsafe_prompt"
+                    progress.unsafe_prompt += 1
+            live = [i for i in live if chunk.finish[i] is None]
+
+        limit_model = context_limit(loaded.model)
+        for i in live:
+            try:
+                request = self._build_request(rows[i], prepared[i], loaded)
+            except RowError as exc:
+                chunk.fail(i, str(exc))
+                continue
+            ids, new = request.input_ids, request.max_new_tokens
+            chunk.prompt_tokens[i] = len(ids)
+            limit = self.max_prompt_tokens or ((limit_model - new) if limit_model else None)
+            if limit is not None and len(ids) > limit:
+                chunk.fail(i, f"prompt has {len(ids)} tokens, over the limit of {limit}"
+                              f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
+                continue
+            chunk.requests[i] = request
         chunk.order = list(chunk.requests)
         return chunk
 
-    def _open_chunk(self, table: pa.Table) -> "_Chunk":
-        """The chunk's rows prepared (messages, images), rows that cannot be failed; ``live`` the others."""
-        chunk = _Chunk(table, table.num_rows, table.column(self.id_column).to_pylist())
-        chunk.rows = table.to_pylist()
-        chunk.prepared = [None] * chunk.n
-        for i, row in enumerate(chunk.rows):
-            try:
-                chunk.prepared[i] = self._prepare(row)
-            except RowError as exc:
-                chunk.fail(i, str(exc))
-        chunk.live = [i for i in range(chunk.n) if chunk.finish[i] is None]
-        chunk.prompt_texts = {i: self._checked_text(chunk.prepared[i]) for i in chunk.live}
-        return chunk
-
-    def _judged_prompt(self, chunk: "_Chunk", i: int, judgement, progress: Progress) -> None:
-        chunk.prompt_safety[i] = [v.to_dict() for v in judgement.verdicts]
-        chunk.prompt_safe[i] = judgement.safe
-        if judgement.error:
-            chunk.fail(i, judgement.error)
-        elif judgement.safe is False:
-            chunk.finish[i] = "unsafe_prompt"
-            progress.unsafe_prompt += 1
-
-    def _request(self, chunk: "_Chunk", i: int, loaded) -> Request:
-        """Row ``i``'s generation request; :class:`RowError` when it cannot run (too long, bad image)."""
-        request = self._build_request(chunk.rows[i], chunk.prepared[i], loaded)
-        ids, new = request.input_ids, request.max_new_tokens
-        chunk.prompt_tokens[i] = len(ids)
-        limit_model = context_limit(loaded.model)
-        limit = self.max_prompt_tokens or ((limit_model - new) if limit_model else None)
-        if limit is not None and len(ids) > limit:
-            raise RowError(f"prompt has {len(ids)} tokens, over the limit of {limit}"
-                           f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
-        return request
-
-    def _generated(self, chunk: "_Chunk", i: int, done) -> bool:
-        """Record row ``i``'s completion; False when it ended in an error."""
-        if done.finish_reason == "error":
-            chunk.fail(i, done.error)
-            return False
-        chunk.output[i], chunk.finish[i], chunk.output_tokens[i] = done.text, done.finish_reason, done.output_tokens
-        return True
-
-    def _judged_output(self, chunk: "_Chunk", i: int, judgement, progress: Progress) -> None:
-        chunk.output_safety[i] = [v.to_dict() for v in judgement.verdicts]
-        chunk.output_safe[i] = judgement.safe
-        if judgement.error:
-            chunk.output[i] = None
-            chunk.fail(i, judgement.error)
-        elif judgement.safe is False:
-            chunk.finish[i] = "unsafe_output"
-            progress.unsafe_output += 1
-            if self.on_unsafe_output == "redact":
-                chunk.output[i] = None
-
     def _finish_chunk(self, chunk: "_Chunk", progress: Progress, metadata: dict) -> pa.Table:
         """Everything after generation: output checks, redaction, the part's table."""
-        generated = [i for i in chunk.order if self._generated(chunk, i, chunk.completions[i])]
+        generated = []
+        for i in chunk.order:
+            done = chunk.completions[i]
+            if done.finish_reason == "error":
+                chunk.fail(i, done.error)
+                continue
+            chunk.output[i], chunk.finish[i], chunk.output_tokens[i] = done.text, done.finish_reason, done.output_tokens
+            generated.append(i)
+
         if self.checkers and generated:
             judgements = judge(self.checkers, [chunk.output[i] for i in generated], "output",
                                context=[chunk.prompt_texts[i] for i in generated])
             for i, judgement in zip(generated, judgements):
-                self._judged_output(chunk, i, judgement, progress)
-        return self._part(chunk, progress, metadata)
-
-    def _part(self, chunk: "_Chunk", progress: Progress, metadata: dict) -> pa.Table:
-        """The chunk's output table, once every row has its result."""
+                chunk.output_safety[i] = [v.to_dict() for v in judgement.verdicts]
+                chunk.output_safe[i] = judgement.safe
+                if judgement.error:
+                    chunk.output[i] = None
+                    chunk.fail(i, judgement.error)
+                elif judgement.safe is False:
+                    chunk.finish[i] = "unsafe_output"
+                    progress.unsafe_output += 1
+                    if self.on_unsafe_output == "redact":
+                        chunk.output[i] = None
         progress.errors += chunk.finish.count("error")
 
         table = chunk.table

@@ -96,21 +96,6 @@ def prefill_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-class _IterFeed:
-    """An iterable as a feed: its items are always ready."""
-
-    def __init__(self, items: Iterable):
-        self.items = iter(items)
-
-    def poll(self, n: int, block: bool) -> list | None:
-        got = []
-        for item in self.items:
-            got.append(item)
-            if len(got) == n:
-                break
-        return got or None
-
-
 def rotate_half(x):
     import torch
 
@@ -167,7 +152,6 @@ class FastEngine:
         self._graph = None
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self._early: list[tuple[Any, Completion]] = []  # rows that end before taking a slot (vision: bad image)
-        self.cuda_stream = None  # the stream the engine's GPU work runs on (None: the current one)
 
     # -- sizing ------------------------------------------------------------------------------------
     def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
@@ -385,65 +369,54 @@ class FastEngine:
                                    lookahead=len(requests)))
         return [results[i] for i in range(len(requests))]
 
-    def stream(self, items, seed: int | None = None, lookahead: int = 1024) -> Iterator[tuple[Any, Completion]]:
+    def stream(self, items: Iterable[tuple[Any, Request, Any]], seed: int | None = None, lookahead: int = 1024
+               ) -> Iterator[tuple[Any, Completion]]:
         """``(tag, completion)`` as rows finish, for ``(tag, request, key)`` items pulled lazily.
 
         Rows join free slots as others leave, across whatever boundaries the caller has (input chunks),
         so the batch stays full. Up to ``lookahead`` items wait in a window, admitted longest first. A
         row longer than the KV cache waits until the running rows drain, then the cache is re-planned.
-        ``items`` is an iterable, or a feed whose ``poll(n, block)`` returns the items ready now (``[]``
-        if none yet, ``None`` once exhausted) and waits only when asked to: the engine asks only when it
-        has nothing else to do (:class:`~airflow_hfllm.engine.checked.CheckedGeneration` feeds rows as
-        their prompt checks pass).
         """
-        import contextlib
-
         import torch
 
-        feed = items if hasattr(items, "poll") else _IterFeed(items)
+        items = iter(items)
         seed = 0 if seed is None else seed
         window: list[tuple[Any, Request, Any]] = []
         exhausted = False
 
-        def pull(n: int, block: bool = False) -> None:
+        def pull(n: int) -> None:
             nonlocal exhausted
             while not exhausted and len(window) < n:
-                got = feed.poll(n - len(window), block and not window)
-                if got is None:
+                item = next(items, None)
+                if item is None:
                     exhausted = True
-                elif not got:
-                    return
-                for item in got or ():
+                else:
                     window.append(item)
                     self._enqueue(item)
 
-        def on_stream():
-            return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
-
-        pull(lookahead, block=True)
+        pull(lookahead)
+        if not window:
+            return
         owner: list = []
         with torch.inference_mode():
             while True:
                 if self.should_stop():
                     raise Cancelled("stopped between decode steps")
                 yield from self._take_early()
-                running = any(o is not None for o in owner)
-                if not running and not window:
-                    pull(lookahead, block=True)
+                if not any(o is not None for o in owner):
                     if not window:
                         return
-                with on_stream():
-                    if not running and (not owner or not any(self._fits(r) for _, r, _ in window)):
+                    if not owner or not any(self._fits(r) for _, r, _ in window):
                         self._allocate(*self._plan([r for _, r, _ in window]))
                         owner = [None] * self._shape[0]
                         self.done.fill_(True)
-                    self._admit_waiting(window, owner, seed)
+                self._admit_waiting(window, owner, seed)
                 yield from self._take_early()
-                if any(o is not None for o in owner):
-                    with on_stream():
-                        self._run_steps()
-                        finished = self._harvest(owner)
-                    yield from finished
+                if not any(o is not None for o in owner):  # every admitted row ended early (vision: bad images)
+                    pull(max(lookahead, 2 * len(owner)))
+                    continue
+                self._run_steps()
+                yield from self._harvest(owner)
                 pull(max(lookahead, 2 * len(owner)))
 
     def _enqueue(self, item: tuple[Any, Request, Any]) -> None:
@@ -536,11 +509,11 @@ class FastEngine:
         # No sync: the host prepares the next group while the GPU runs this one (seconds are host-side).
         self.prefill_seconds += time.monotonic() - started
 
-    def _harvest(self, owner: list) -> list[tuple[Any, Completion]]:
+    def _harvest(self, owner: list) -> Iterator[tuple[Any, Completion]]:
         done = self.done.tolist()  # the one host sync per replay
         finished = [s for s, o in enumerate(owner) if o is not None and done[s]]
         if not finished:
-            return []
+            return
         counts = self.n_gen[finished].tolist()
         rows = self.out[finished].tolist()
         completions = []
@@ -549,7 +522,7 @@ class FastEngine:
             owner[s] = None
             completions.append((tag, self._completion(row[:n], request.max_new_tokens)))
         self.on_batch(len(finished), sum(c.output_tokens for _, c in completions))
-        return completions
+        yield from completions
 
     def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
         finish = "length"
