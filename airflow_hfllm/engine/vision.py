@@ -404,9 +404,11 @@ class VisionFastEngine(FastEngine):
             except ImageError as exc:
                 return f"image {k + 1} of {n}: {exc}" if n > 1 else str(exc)
         try:
-            # Already resized to multiples of the patch grid within the pixel bounds: the processor's
-            # own resize would be the identity, at the cost of a resample.
-            out = self.processor.image_processor(images=decoded, return_tensors="pt", do_resize=False)
+            # The processor's own resize too, as in the batched path and the spec: on an image already
+            # at its target size it looks like the identity, but torchvision's resample is not exactly one.
+            out = self.processor.image_processor(
+                images=decoded, return_tensors="pt",
+                size={"shortest_edge": self.images.min_pixels, "longest_edge": self.images.max_pixels})
         except Exception as exc:
             return f"image processor failed ({type(exc).__name__}: {str(exc)[:200]})"
         with self._tokenizer_lock:  # a fast tokenizer is not safe to call from several threads at once
