@@ -52,6 +52,8 @@ def _common_arguments(p, *, chunk_rows: int) -> None:
     p.add_argument("--cache-dir", default=None, help="HF cache folder (default: HF_HOME)")
     p.add_argument("--local-files-only", action="store_true")
     p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    p.add_argument("--engine", choices=("auto", "fast", "batched"), default="auto",
+                   help="auto: the fast engine on a GPU when the model allows, else batched generate()")
 
 
 def _parsers(sub) -> None:
@@ -59,8 +61,6 @@ def _parsers(sub) -> None:
     _common_arguments(text, chunk_rows=1000)
     text.add_argument("--messages-column", default=None, help="chat messages column, instead of --prompt-column")
     text.add_argument("--no-sample", action="store_true", help="greedy decoding")
-    text.add_argument("--engine", choices=("auto", "fast", "batched"), default="auto",
-                      help="auto: the fast engine on a GPU when the model allows, else batched generate()")
     text.add_argument("--no-double-quant", action="store_true", help="4bit: keep the quantization constants unquantized")
     text.add_argument("--peft-model", default=None, help="PEFT adapter (hub id or folder) over --model")
     text.add_argument("--no-merge-adapter", action="store_true", help="keep the adapter separate (always when quantized)")
@@ -105,6 +105,7 @@ def run_job(args) -> int:
         max_error_rate=args.max_error_rate,
         hub=hub,
         progress_every=args.progress_every,
+        engine=args.engine,
     )
     model = dict(revision=args.revision, dtype=args.dtype, quantization=args.quantization,
                  trust_remote_code=args.trust_remote_code)
@@ -115,7 +116,7 @@ def run_job(args) -> int:
     else:
         job = TextJob(model=ModelSpec(args.model, double_quant=not args.no_double_quant, adapter=args.peft_model,
                                       merge_adapter=not args.no_merge_adapter, **model),
-                      messages_column=args.messages_column, engine=args.engine, **common)
+                      messages_column=args.messages_column, **common)
     # SIGTERM (a scheduler or a user stopping us) stops between batches like Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: job.cancel())
     try:

@@ -66,6 +66,8 @@ class HFGenerateBaseOperator(BaseOperator):
     :param hf_conn_id: ``huggingface`` connection: token, cache dir, offline flag.
     :param max_error_rate: fail the task (after writing) when more rows than this share end in error.
     :param progress_every: seconds between progress lines in the task log.
+    :param engine: ``auto`` (the fast engine on a GPU when the model allows: continuous batching, static
+        KV cache, CUDA-graph decode; else padded ``generate()`` batches), ``fast`` or ``batched``.
     :param shard: one entry of :class:`~airflow_hfllm.operators.shards.HFShardPlanOperator`'s plan (use
         ``.expand_kwargs(plan.output)``): this task then generates its own chunks only and writes a
         shard summary; :class:`~airflow_hfllm.operators.shards.HFMergeShardsOperator` writes the manifest.
@@ -116,6 +118,7 @@ class HFGenerateBaseOperator(BaseOperator):
         hf_conn_id: str | None = HuggingFaceHook.default_conn_name,
         max_error_rate: float = 0.05,
         progress_every: float = 5.0,
+        engine: str = "auto",
         shard: dict | None = None,
         output_asset: Any = None,
         **kwargs,
@@ -160,6 +163,7 @@ class HFGenerateBaseOperator(BaseOperator):
         self.hf_conn_id = hf_conn_id
         self.max_error_rate = max_error_rate
         self.progress_every = progress_every
+        self.engine = engine
         self.shard = shard
         self.output_asset = output_asset
         self._job = None
@@ -210,6 +214,7 @@ class HFGenerateBaseOperator(BaseOperator):
             run_info=self._run_info(context),
             logger=self.log,
             progress_every=self.progress_every,
+            engine=self.engine,
             shard=self.shard,
         )
 

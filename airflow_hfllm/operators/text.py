@@ -24,21 +24,18 @@ class HFTextGenerateOperator(HFGenerateBaseOperator):
     :param merge_adapter: merge the PEFT adapter into the weights (not when quantized).
     :param double_quant: 4-bit only: also quantize the quantization constants (on by default).
     :param messages_column: chat messages column (list of ``{role, content}``), instead of prompts.
-    :param engine: ``auto`` (fast engine on a GPU when the model allows, else batched ``generate()``),
-        ``fast`` or ``batched``.
     """
 
     template_fields: Sequence[str] = (*HFGenerateBaseOperator.template_fields, "peft_model")
     ui_color = "#ffd21e"
 
     def __init__(self, *, peft_model: str | None = None, merge_adapter: bool = True, double_quant: bool = True,
-                 messages_column: str | None = None, engine: str = "auto", **kwargs):
+                 messages_column: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.peft_model = peft_model
         self.merge_adapter = merge_adapter
         self.double_quant = double_quant
         self.messages_column = messages_column
-        self.engine = engine
 
     def build_job(self, context: Context):
         from airflow_hfllm.engine.spec import ModelSpec
@@ -50,6 +47,5 @@ class HFTextGenerateOperator(HFGenerateBaseOperator):
                             adapter=self.peft_model or None, merge_adapter=self.merge_adapter,
                             trust_remote_code=self.trust_remote_code),
             messages_column=self.messages_column,
-            engine=self.engine,
             **self.job_arguments(context),
         )

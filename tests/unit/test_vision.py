@@ -502,11 +502,12 @@ def test_cli_vision_prints_manifest_and_logs_no_text_or_paths(tiny_vl, tmp_path)
     done = subprocess.run([sys.executable, "-m", "airflow_hfllm.cli", "vision", "--model", tiny_vl,
                            "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
                            "--max-new-tokens", "6", "--min-pixels", str(SMALL["min_pixels"]),
-                           "--max-pixels", str(SMALL["max_pixels"]), "--max-error-rate", "0.5"],
+                           "--max-pixels", str(SMALL["max_pixels"]), "--max-error-rate", "0.5", "--engine", "fast"],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads(done.stdout)
     assert manifest["counts"]["rows"] == 4 and manifest["counts"]["errors"] == 1
+    assert manifest["engine"] == "fast" and manifest["engine_stats"]["packed_attention_modules"] > 0
     assert manifest["model"]["task"] == "vision" and manifest["vision"]["min_pixels"] == SMALL["min_pixels"]
     assert "PIL implementation" in done.stderr and "built from image processor + tokenizer" in done.stderr
     assert "private question" not in done.stderr and "secret-images" not in done.stderr
