@@ -123,7 +123,8 @@ def word_texts(tok, rows: list[list[int]]) -> list[str]:
     return ["".join(words[i % len(words)] for i in ids).strip() for ids in rows]
 
 
-def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_tokens: int) -> dict:
+def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_tokens: int,
+        profile: str | None = None, compile: bool | None = None) -> dict:
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine
@@ -137,7 +138,7 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     loaded = build(gen_shape) if gen_shape != "tiny" else tiny_generator()
     dtype = torch.bfloat16 if cuda else torch.float32
     checker = guard_checker(guard_shape, "cuda" if cuda else "cpu", dtype, prefix_tokens, batch_size=batch_size,
-                            token_budget=token_budget)
+                            token_budget=token_budget, compile=compile)
     guard = checker.load()  # computes the two shared prefixes' KV caches once
     tok = guard.tokenizer
 
@@ -149,6 +150,7 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     prompts = word_texts(tok, [r.input_ids for r in requests])
     checker.check(prompts[:32], "prompt")  # warm-up
     checker.check(prompts[:32], "output", context=prompts[:32])
+    checker.check(prompts[:160], "output", context=prompts[:160])  # a second shape (compiled: dynamic)
     checker.stats.clear()
 
     sync()
@@ -159,6 +161,13 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     out_ids = [list(map(int, c.text.split())) for c in completions]  # IdsTokenizer: ids as text
     outputs = word_texts(tok, out_ids)
 
+    profiler = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        profiler.__enter__()
     t0 = time.perf_counter()
     prompt_verdicts = checker.check(prompts, "prompt")
     sync()
@@ -170,6 +179,11 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     sync()
     output_s = time.perf_counter() - t0
     output_stats = dict(checker.stats)
+    if profiler is not None:  # the two checking steps only
+        profiler.__exit__(None, None, None)
+        with open(profile, "w") as f:
+            for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                f.write(profiler.key_averages().table(sort_by=key, row_limit=30) + "\n")
 
     verdicts = prompt_verdicts + output_verdicts
     if not all(v.safe for v in verdicts):
@@ -185,6 +199,7 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
         template_tokens_per_row=round((prompt_stats["tokens"] - sum(len(t) for t in
                                        tok(prompts, add_special_tokens=False)["input_ids"])) / n, 1),
         overhead=round((prompt_s + output_s) / gen_s, 4), batch_size=batch_size, token_budget=token_budget,
+        checker_compiled=checker._compiled is not None,
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
     )
 
@@ -197,7 +212,8 @@ def table(r: dict) -> str:
         f"(random weights, forced safe); {n} rows",
         f"checker prefix {r['prefix_tokens']['prompt']}/{r['prefix_tokens']['output']} tokens (prompt/output "
         f"checks; KV cached once), {r['template_tokens_per_row']} template tokens per row after the text; "
-        f"token budget {r['token_budget']}, batch <= {r['batch_size']}"
+        f"token budget {r['token_budget']}, batch <= {r['batch_size']}, "
+        f"checker {'compiled' if r.get('checker_compiled') else 'eager'}"
         + (f"; peak {r['peak_gib']} GiB" if r["peak_gib"] else ""),
         "",
         "| step | what is read / written | seconds | rows/s | % of generation |",
@@ -230,9 +246,12 @@ def main() -> int:
                         help="pad the template's category list until the shared prefix has this many tokens "
                              "(default: Llama Guard 3's own template)")
     parser.add_argument("--json", default=None, help="append the result as a JSON line to this file")
+    parser.add_argument("--profile", default=None, help="write torch.profiler tables of the checks to this file")
+    parser.add_argument("--eager-checker", action="store_true", help="no torch.compile for the checker")
     args = parser.parse_args()
     mode = "small" if args.small else "tiny" if args.tiny else "standard"
-    result = run(mode, args.rows, args.batch_size, args.token_budget, args.prefix_tokens)
+    result = run(mode, args.rows, args.batch_size, args.token_budget, args.prefix_tokens, args.profile,
+                 compile=False if args.eager_checker else None)
     print(json.dumps(result), flush=True)
     if args.json:
         with open(args.json, "a") as f:

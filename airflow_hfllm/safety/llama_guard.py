@@ -53,6 +53,10 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 SLOTS = ("\u27e6context\u27e7", "\u27e6text\u27e7")
 
 
+class _CompileFailed(Exception):
+    pass
+
+
 def llama_guard_prompt(turns: Sequence[tuple[str, str]]) -> str:
     """The Llama Guard 3 task text (no chat wrapping) judging the last of ``turns`` = (role, text)."""
     role = turns[-1][0]
@@ -78,11 +82,15 @@ class LlamaGuardChecker(SafetyChecker):
     :param category_tokens: greedy tokens read after ``unsafe`` for the category codes.
     :param template: ``auto`` (the tokenizer's chat template when it is Llama Guard's, else the
         built-in Llama Guard 3 prompt), ``model`` or ``builtin``.
+    :param compile: ``torch.compile`` the decoder (dynamic shapes), fusing the norms, rotary and MLP
+        activations that otherwise cost as much GPU time as the matmuls; default: on CUDA. A compile
+        failure falls back to eager, with a warning.
     """
 
     def __init__(self, model: str, *, revision: str | None = None, hub: HubOptions | None = None,
                  threshold: float = 0.5, batch_size: int = 128, token_budget: int = 32_768,
-                 max_length: int = 4096, category_tokens: int = 16, template: str = "auto"):
+                 max_length: int = 4096, category_tokens: int = 16, template: str = "auto",
+                 compile: bool | None = None):
         if template not in ("auto", "model", "builtin"):
             raise ValueError(f"template must be 'auto', 'model' or 'builtin', got {template!r}")
         self.spec = ModelSpec(model, revision=revision, task="causal-lm")
@@ -93,6 +101,7 @@ class LlamaGuardChecker(SafetyChecker):
         self.max_length = max_length
         self.category_tokens = category_tokens
         self.template = template
+        self.compile = compile
         self.name = f"llama-guard:{model}"
         self.stats: Counter = Counter()  # texts, rows, tokens (after the prefix), unsafe rows: counts only
         self._loaded = None
@@ -115,6 +124,9 @@ class LlamaGuardChecker(SafetyChecker):
         # logits_to_keep it gets a strided [rows, 1, hidden] view, which cuBLAS runs as a batched GEMV
         # re-reading the whole vocab matrix per row).
         self._decoder, self._head = model.get_decoder(), model.get_output_embeddings()
+        self._compiled = None
+        if self.compile if self.compile is not None else loaded.device.type == "cuda":
+            self._compiled = torch.compile(self._decoder, dynamic=True)
         # transformers renamed the forward's past_key_values to cache (5.2x); take whichever it has
         params = inspect.signature(self._decoder.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -272,6 +284,12 @@ class LlamaGuardChecker(SafetyChecker):
         """One forward pass of ``prefix + row`` for each row, over the prefix KV cache expanded to the
         batch. Returns the next-token logits [rows, vocab]; with ``new_tokens``, instead each row's
         greedy continuation (token ids, up to EOS)."""
+        try:
+            return self._run_once(loaded, kind, rows, new_tokens)
+        except _CompileFailed:  # the cache may hold half a step: start the batch over, eager
+            return self._run_once(loaded, kind, rows, new_tokens)
+
+    def _run_once(self, loaded, kind: Kind, rows: list[list[int]], new_tokens: int):
         from contextlib import nullcontext
 
         import torch
@@ -294,8 +312,17 @@ class LlamaGuardChecker(SafetyChecker):
                                              for k, v in self._prefix_kv[kind]])
 
         def next_logits(ids, mask, positions):
-            hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                   **{self._cache_arg: cache}).last_hidden_state
+            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self._cache_arg: cache})
+            if self._compiled is not None:
+                try:
+                    return self._head(self._compiled(**kwargs).last_hidden_state[:, -1]).float()
+                except Exception as exc:  # a torch/transformers pair that cannot compile it: eager from now on
+                    log.warning("llama guard %s: torch.compile failed (%s: %s); running eager", self.spec.model,
+                                type(exc).__name__, str(exc)[:200])
+                    self._compiled = None
+                    raise _CompileFailed() from exc
+            hidden = self._decoder(**kwargs).last_hidden_state
             return self._head(hidden[:, -1]).float()
 
         kernels = sdpa_kernel([getattr(SDPBackend, b) for b in SDPA_BACKENDS]) if dev.type == "cuda" else nullcontext()

@@ -211,3 +211,25 @@ def test_make_checker_llama_guard(models):
         make_checker("llama-guard:")
     with pytest.raises(ValueError, match="template must be"):
         make_checker({"kind": "llama-guard", "model": "x", "template": "mine"})
+
+
+def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog):
+    """compile=True where torch.compile fails (at its first call, as a real failure does): the batch
+    starts over eager, verdicts equal the eager checker's, later batches stay eager."""
+    calls = []
+
+    def broken_compile(module, **kwargs):
+        def run(**kw):
+            calls.append(kw["input_ids"].shape)
+            raise RuntimeError("inductor: no C++ compiler")
+        return run
+
+    eager = guard(models, None)
+    expected = [v.score for v in eager.check(TEXTS, "output", TEXTS[::-1])]
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    compiled = guard(models, None, compile=True)
+    compiled._loaded = None  # load again, now with compile on
+    got = compiled.check(TEXTS, "output", TEXTS[::-1])
+    assert len(calls) == 1 and compiled._compiled is None
+    assert [v.score for v in got] == pytest.approx(expected, abs=1e-6)
+    assert "torch.compile failed (RuntimeError: inductor: no C++ compiler); running eager" in caplog.text
