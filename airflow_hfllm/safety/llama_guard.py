@@ -82,6 +82,7 @@ class LlamaGuardChecker(SafetyChecker):
     :param category_tokens: greedy tokens read after ``unsafe`` for the category codes.
     :param template: ``auto`` (the tokenizer's chat template when it is Llama Guard's, else the
         built-in Llama Guard 3 prompt), ``model`` or ``builtin``.
+    :param dtype: the checker's weights dtype (``auto``: bf16 on GPU, fp32 on CPU).
     :param compile: ``torch.compile`` the decoder (dynamic shapes), fusing the norms, rotary and MLP
         activations that otherwise cost as much GPU time as the matmuls; default: on CUDA. A compile
         failure falls back to eager, with a warning.
@@ -90,10 +91,10 @@ class LlamaGuardChecker(SafetyChecker):
     def __init__(self, model: str, *, revision: str | None = None, hub: HubOptions | None = None,
                  threshold: float = 0.5, batch_size: int = 128, token_budget: int = 32_768,
                  max_length: int = 4096, category_tokens: int = 16, template: str = "auto",
-                 compile: bool | None = None):
+                 compile: bool | None = None, dtype: str = "auto"):
         if template not in ("auto", "model", "builtin"):
             raise ValueError(f"template must be 'auto', 'model' or 'builtin', got {template!r}")
-        self.spec = ModelSpec(model, revision=revision, task="causal-lm")
+        self.spec = ModelSpec(model, revision=revision, dtype=dtype, task="causal-lm")
         self.hub = hub
         self.threshold = threshold
         self.batch_size = batch_size
@@ -348,4 +349,5 @@ class LlamaGuardChecker(SafetyChecker):
 
     def fingerprint(self) -> dict:
         return {"checker": "llama-guard", "model": self.spec.model, "revision": self.spec.revision,
-                "threshold": self.threshold, "max_length": self.max_length, "template": self.template}
+                "threshold": self.threshold, "max_length": self.max_length, "template": self.template,
+                **({"dtype": self.spec.dtype} if self.spec.dtype != "auto" else {})}
