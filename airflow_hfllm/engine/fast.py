@@ -444,33 +444,48 @@ class FastEngine:
             self._admit([r for _, r, _ in group], taken, [row_seed(seed, key) for _, _, key in group])
 
     def _next_group(self, window: list, free: int) -> list:
-        """The next prefill group: the longest waiting prompts that fit, within ``prefill_tokens``."""
-        ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:free]
-        group, width = [], 0
-        for item in ready:
-            new_width = max(width, len(item[1].input_ids))
-            if group and new_width * (len(group) + 1) > self.prefill_tokens:
-                break
-            group.append(item)
-            width = new_width
-        return group
+        """The next prefill group: the longest waiting prompts that fit, within ``prefill_tokens``. Rows
+        that :meth:`_row_ready` drops (vision: an image that failed) leave the window meanwhile."""
+        while True:
+            ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:free]
+            group, width = [], 0
+            for item in ready:
+                if not self._row_ready(item, window):
+                    continue
+                new_width = max(width, len(item[1].input_ids))
+                if group and new_width * (len(group) + 1) > self.prefill_tokens:
+                    break
+                group.append(item)
+                width = new_width
+            if group or not ready:
+                return group
+
+    def _row_ready(self, item: tuple[Any, Request, Any], window: list) -> bool:
+        """Whether ``item`` can be prefilled (the vision engine waits for its images here, and drops it
+        from ``window`` with an error when they fail)."""
+        return True
 
     def stats(self) -> dict:
         """Where the time went (host-side seconds), for the manifest."""
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
                 "decode_steps": self.steps, "slots": self._shape[0] if self._shape else None}
 
+    def _padded_ids(self, group: list[Request]):
+        """The group's prompt ids [n, W], right-padded, on the device."""
+        import torch
+
+        ids = torch.zeros((len(group), max(len(r.input_ids) for r in group)), dtype=torch.long)
+        for row, r in enumerate(group):
+            ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
+        return ids.to(self.device)
+
     def _inputs(self, group: list[Request]):
         """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n]
         or ``None``) of a prefill group, on the device."""
         import torch
 
-        n, width = len(group), max(len(r.input_ids) for r in group)
-        ids = torch.zeros((n, width), dtype=torch.long)
-        for row, r in enumerate(group):
-            ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
-        ids = ids.to(self.device)
-        positions = torch.arange(width, device=self.device).expand(n, width)
+        ids = self._padded_ids(group)
+        positions = torch.arange(ids.shape[1], device=self.device).expand(*ids.shape)
         return ids, self.base.embed_tokens(ids), positions, None
 
     def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int]) -> None:
@@ -478,22 +493,21 @@ class FastEngine:
 
         dev = self.device
         started = time.monotonic()
-        with prefill_attention():
+        with prefill_attention():  # the vision tower and the decoder
             ids, x, positions, offsets = self._inputs(group)
-        n, width = ids.shape
-        lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
-        slot_idx = torch.tensor(slot_list, device=dev)
-        seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
-        max_new = torch.tensor([r.max_new_tokens for r in group], device=dev)
-        presence = None
-        if self.presence is not None:
-            self.presence[slot_idx] = False
-            valid = torch.arange(width, device=dev)[None, :] < lengths[:, None]
-            rows = torch.arange(n, device=dev)[:, None].expand(n, width)
-            presence = self.presence
-            presence[slot_idx[rows[valid]], ids[valid]] = True
-            presence = presence[slot_idx]
-        with prefill_attention():
+            n, width = ids.shape
+            lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
+            slot_idx = torch.tensor(slot_list, device=dev)
+            seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
+            max_new = torch.tensor([r.max_new_tokens for r in group], device=dev)
+            presence = None
+            if self.presence is not None:
+                self.presence[slot_idx] = False
+                valid = torch.arange(width, device=dev)[None, :] < lengths[:, None]
+                rows = torch.arange(n, device=dev)[:, None].expand(n, width)
+                presence = self.presence
+                presence[slot_idx[rows[valid]], ids[valid]] = True
+                presence = presence[slot_idx]
             logits = self._prefill(x, positions, lengths, slot_idx)
         first = self._pick(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
         if self.presence is not None:

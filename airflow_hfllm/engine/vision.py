@@ -167,10 +167,36 @@ def get_vision_model(spec: ModelSpec, hub: HubOptions | None = None, cache: Mode
 class VisionRequest(Request):
     """A row ready to generate: ``input_ids`` are the prompt's ids with each image placeholder expanded
     to its image's tokens (what the processor will produce: its length drives batching and the
-    too-long check); ``text`` and ``images`` are what the processor gets."""
+    too-long check); ``text`` and ``images`` are what the processor gets; ``text_ids`` are the ids of
+    ``text``, one placeholder per image (the fast engine expands them by the processor's grids)."""
 
     text: str = ""
     images: list[ProbedImage] = field(default_factory=list)
+    text_ids: list[int] = field(default_factory=list)
+
+
+def expand_placeholders(ids: list[int], token: int, counts: Sequence[int]) -> list[int]:
+    """``ids`` with the k-th ``token`` repeated ``counts[k]`` times; ValueError when the numbers differ."""
+    positions = [n for n, t in enumerate(ids) if t == token]
+    if len(positions) != len(counts):
+        raise ValueError(f"the prompt has {len(positions)} image placeholders for {len(counts)} images")
+    expanded: list[int] = []
+    start = 0
+    for position, count in zip(positions, counts):
+        expanded += ids[start:position] + [token] * count
+        start = position + 1
+    return expanded + ids[start:]
+
+
+def decode_images(loader: ImageLoader, images: Sequence[ProbedImage]) -> list | str:
+    """The row's decoded, resized images, or the error message of the first that fails."""
+    out = []
+    for k, probed in enumerate(images):
+        try:
+            out.append(loader.load(probed))
+        except ImageError as exc:
+            return f"image {k + 1} of {len(images)}: {exc}" if len(images) > 1 else str(exc)
+    return out
 
 
 def chat_text(processor: LoadedProcessor, messages: list[dict[str, Any]], n_images: int) -> str:
@@ -198,18 +224,8 @@ def build_request(processor: LoadedProcessor, messages: list[dict[str, Any]], im
                   max_new_tokens: int) -> VisionRequest:
     text = chat_text(processor, messages, len(images))
     ids = list(processor.tokenizer(text)["input_ids"])
-    pad = processor.image_token_id
-    positions = [n for n, token in enumerate(ids) if token == pad]
-    if len(positions) != len(images):
-        raise ValueError(f"the chat template put {len(positions)} image placeholders in the prompt for "
-                         f"{len(images)} images")
-    expanded: list[int] = []
-    start = 0
-    for position, image in zip(positions, images):
-        expanded += ids[start:position] + [pad] * image.tokens
-        start = position + 1
-    expanded += ids[start:]
-    return VisionRequest(expanded, max_new_tokens, text=text, images=list(images))
+    expanded = expand_placeholders(ids, processor.image_token_id, [image.tokens for image in images])
+    return VisionRequest(expanded, max_new_tokens, text=text, images=list(images), text_ids=ids)
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -261,15 +277,7 @@ class VisionGenerator(BatchedGenerator):
         return {i: pool.submit(self._decode_row, requests[i]) for i in batch}
 
     def _decode_row(self, request: VisionRequest) -> list | str:
-        """The row's resized images, or the error message of the first that fails."""
-        n = len(request.images)
-        out = []
-        for k, probed in enumerate(request.images):
-            try:
-                out.append(self.images.load(probed))
-            except ImageError as exc:
-                return f"image {k + 1} of {n}: {exc}" if n > 1 else str(exc)
-        return out
+        return decode_images(self.images, request.images)
 
     def _generate(self, batch: list[int], requests: Sequence[Request]) -> dict[int, Completion]:
         import torch
@@ -348,8 +356,6 @@ class VisionFastEngine(FastEngine):
     def __init__(self, loaded: LoadedModel, params: GenerationParams, processor: LoadedProcessor,
                  images: ImageLoader, *, decode_workers: int | None = None, prefetch: int = 256, **kwargs):
         super().__init__(loaded, params, **kwargs)
-        import threading
-
         from airflow_hfllm.engine.vision_attention import pack_vision_attention
 
         self.processor, self.images = processor, images
@@ -365,7 +371,6 @@ class VisionFastEngine(FastEngine):
         import inspect
 
         self._rope_takes_types = "mm_token_type_ids" in inspect.signature(self._rope_index).parameters
-        self._tokenizer_lock = threading.Lock()
         self._pool = None
         self._queued: list = []  # requests in arrival order whose images are not submitted yet
         self._futures: dict[int, Future] = {}
@@ -396,13 +401,9 @@ class VisionFastEngine(FastEngine):
 
     def _pixels(self, request: VisionRequest) -> _Pixels | str:
         """Decode, resize and patch the row's images (in a worker thread); the error text on failure."""
-        n = len(request.images)
-        decoded = []
-        for k, probed in enumerate(request.images):
-            try:
-                decoded.append(self.images.load(probed))
-            except ImageError as exc:
-                return f"image {k + 1} of {n}: {exc}" if n > 1 else str(exc)
+        decoded = decode_images(self.images, request.images)
+        if isinstance(decoded, str):
+            return decoded
         try:
             # The processor's own resize too, as in the batched path and the spec: on an image already
             # at its target size it looks like the identity, but torchvision's resample is not exactly one.
@@ -411,46 +412,23 @@ class VisionFastEngine(FastEngine):
                 size={"shortest_edge": self.images.min_pixels, "longest_edge": self.images.max_pixels})
         except Exception as exc:
             return f"image processor failed ({type(exc).__name__}: {str(exc)[:200]})"
-        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from several threads at once
-            ids = list(self.processor.tokenizer(request.text)["input_ids"])
-        counts = (out["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
-        placeholders = [n for n, token in enumerate(ids) if token == self.image_token]
-        if len(placeholders) != len(counts):
-            return f"the prompt has {len(placeholders)} image placeholders for {len(counts)} images"
-        expanded, start = [], 0
-        for position, count in zip(placeholders, counts):
-            expanded += ids[start:position] + [self.image_token] * count
-            start = position + 1
-        expanded += ids[start:]
+        try:
+            expanded = expand_placeholders(request.text_ids, self.image_token,
+                                           (out["image_grid_thw"].prod(-1) // self.merge ** 2).tolist())
+        except ValueError as exc:
+            return str(exc)
         pixels = out["pixel_values"].to(self.dtype)
         if self.device.type == "cuda":  # pinned: the copy to the GPU is then asynchronous
             pixels = pixels.pin_memory()
         return _Pixels(expanded, pixels, out["image_grid_thw"])
 
-    def _next_group(self, window: list, free: int) -> list:
-        """The next prefill group, its rows' images ready; waits only for the rows it takes, so the GPU
-        prefills one group while worker threads prepare the next. Rows whose images fail leave the
-        window with an error."""
-        while True:
-            ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:free]
-            group, width = [], 0
-            for item in ready:
-                got = self._resolve(item, window)
-                if got is None:
-                    continue
-                new_width = max(width, len(got.ids))
-                if group and new_width * (len(group) + 1) > self.prefill_tokens:
-                    break
-                group.append(item)
-                width = new_width
-            self._submit()
-            if group or not ready:
-                return group
-
-    def _resolve(self, item, window: list) -> _Pixels | None:
+    def _row_ready(self, item, window: list) -> bool:
+        """Wait for the row's images (only rows about to be prefilled are waited for, so the GPU prefills
+        one group while worker threads prepare the next); a row whose images failed leaves ``window``
+        with an error."""
         tag, request, _ = item
         if id(request) in self._ready:
-            return self._ready[id(request)]
+            return True
         future = self._futures.pop(id(request), None)
         if future is None:  # beyond the prefetch window: prepare it now, in a worker all the same
             self._queued.remove(request)
@@ -458,13 +436,14 @@ class VisionFastEngine(FastEngine):
         started = time.monotonic()
         got = future.result()
         self.image_wait_seconds += time.monotonic() - started
+        self._submit()
         if isinstance(got, str):
             window.remove(item)
             self._early.append((tag, Completion(None, 0, "error", got)))
-            return None
+            return False
         request.input_ids = got.ids  # the exact length, for slot sizing and longest-first order
         self._ready[id(request)] = got
-        return got
+        return True
 
     def stats(self) -> dict:
         return {**super().stats(), "image_wait_seconds": round(self.image_wait_seconds, 3),
@@ -475,13 +454,9 @@ class VisionFastEngine(FastEngine):
 
         dev = self.device
         rows = [self._ready.pop(id(r)) for r in group]
-        n, width = len(rows), max(len(r.ids) for r in rows)
-        ids = torch.zeros((n, width), dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, :len(r.ids)] = torch.tensor(r.ids)
-        ids = ids.to(dev)
-        lengths = torch.tensor([len(r.ids) for r in rows], device=dev)
-        mask = torch.arange(width, device=dev)[None, :] < lengths[:, None]
+        ids = self._padded_ids(group)  # the requests' ids are the rows' exact ones since _row_ready
+        lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
+        mask = torch.arange(ids.shape[1], device=dev)[None, :] < lengths[:, None]
         pixel_values = torch.cat([r.pixel_values for r in rows]).to(dev, non_blocking=True)
         grid = torch.cat([r.grid for r in rows]).to(dev)
         x = self.base.embed_tokens(ids)
@@ -489,11 +464,11 @@ class VisionFastEngine(FastEngine):
         features = getattr(features, "pooler_output", features)
         if isinstance(features, (list, tuple)):
             features = torch.cat(list(features))
-        x[ids == self.image_token] = features.to(x.dtype)
-        types = (ids == self.image_token).int()
+        image = ids == self.image_token
+        x[image] = features.to(x.dtype)
         kwargs = dict(image_grid_thw=grid, attention_mask=mask.long())
         if self._rope_takes_types:
-            kwargs["mm_token_type_ids"] = types
+            kwargs["mm_token_type_ids"] = image.int()
         positions, _ = self._rope_index(ids, **kwargs)
         # The next text position after each prompt, as an offset from its KV index.
         last = positions.masked_fill(~mask[None], -1).amax(dim=(0, 2))

@@ -33,12 +33,19 @@ def run_dag(tmp_path, dag_id, date, conf=None, **env):
     return json.loads(line[len("RESULT "):]), done.stdout + done.stderr
 
 
+def prompts_with_one_blocked(tmp_path, file: Path, n: int, row: int, prompt: str) -> pd.DataFrame:
+    """``n`` prompts in ``file`` with row ``row``'s replaced by ``prompt``, and ``tmp_path/block.txt``, a
+    blocklist that flags it. Returns the prompts."""
+    df = write_prompts(file, n)
+    df.loc[row, "prompt"] = prompt
+    df.to_parquet(file, index=False)
+    (tmp_path / "block.txt").write_text("explosives\n")
+    return df
+
+
 def test_daily_dag_returns_manifest_through_xcom(models, tmp_path):
     demo = tmp_path / "demo"
-    df = write_prompts(demo / "input" / "prompts.parquet", 30)
-    df.loc[4, "prompt"] = "how do I make explosives"
-    df.to_parquet(demo / "input" / "prompts.parquet", index=False)
-    (tmp_path / "block.txt").write_text("explosives\n")
+    prompts_with_one_blocked(tmp_path, demo / "input" / "prompts.parquet", 30, 4, "how do I make explosives")
     result, logs = run_dag(
         tmp_path, "hfllm_text_daily", "2026-11-20",
         conf={"model": models("causal-lm"), "input": str(demo / "input"), "output": str(demo / "output")},
@@ -68,10 +75,7 @@ def test_daily_dag_returns_manifest_through_xcom(models, tmp_path):
 
 def test_ui_dag_takes_its_params_as_native_values(models, tmp_path):
     demo = tmp_path / "demo"
-    df = write_prompts(demo / "input" / "p.parquet", 10)
-    df.loc[3, "prompt"] = "tell me about explosives"
-    df.to_parquet(demo / "input" / "p.parquet", index=False)
-    (tmp_path / "block.txt").write_text("explosives\n")
+    prompts_with_one_blocked(tmp_path, demo / "input" / "p.parquet", 10, 3, "tell me about explosives")
     conf = {"model": models("causal-lm"), "input": str(demo / "input"), "output": str(demo / "out"),
             "max_new_tokens": 5, "temperature": 1.2, "safety": True, "safety_checker": f"blocklist:{tmp_path / 'block.txt'}"}
     result, logs = run_dag(tmp_path, "hfllm_text_ui", "2026-11-22", conf=conf)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import write_prompts
-from tests.integration.test_example_dag import run_dag
+from tests.integration.test_example_dag import prompts_with_one_blocked, run_dag
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("airflow.providers.openlineage", reason="apache-airflow-providers-openlineage (dev extra)")
@@ -37,10 +37,7 @@ def events(path: Path) -> list[dict]:
 
 def test_listener_emits_datasets_counts_and_no_text(models, tmp_path):
     demo = tmp_path / "demo"
-    df = write_prompts(demo / "input" / "prompts.parquet", 30)
-    df.loc[4, "prompt"] = "how do I make explosives"
-    df.to_parquet(demo / "input" / "prompts.parquet", index=False)
-    (tmp_path / "block.txt").write_text("explosives\n")
+    df = prompts_with_one_blocked(tmp_path, demo / "input" / "prompts.parquet", 30, 4, "how do I make explosives")
     classifier = models("classifier-safety", "safe")
     cache = hub_cache(models("causal-lm"), tmp_path / "hub")
     log_file = tmp_path / "openlineage.jsonl"
