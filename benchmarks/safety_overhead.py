@@ -16,13 +16,16 @@ each prompt / output is a text of as many one-token words as the row's prompt / 
 the checker reads exactly as many text tokens as the generator did. Prompt checks judge the prompt;
 output checks judge the output with its prompt as the user turn before it (so they read both).
 Times are wall-clock after a warm-up, GPU synchronized, tokenization included; safety steps run one
-after the other after generation, as `TextJob` does per chunk.
+after the other after generation, as `TextJob` does per chunk. The checker's warm-up checks as many
+other rows (other lengths, so other batch shapes), and its time (the compile, once per process) is
+printed apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -124,7 +127,7 @@ def word_texts(tok, rows: list[list[int]]) -> list[str]:
 
 
 def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_tokens: int,
-        profile: str | None = None, compile: bool | None = None) -> dict:
+        profile: str | None = None, compile: bool | None = None, fast: bool = True) -> dict:
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine
@@ -138,7 +141,7 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     loaded = build(gen_shape) if gen_shape != "tiny" else tiny_generator()
     dtype = torch.bfloat16 if cuda else torch.float32
     checker = guard_checker(guard_shape, "cuda" if cuda else "cpu", dtype, prefix_tokens, batch_size=batch_size,
-                            token_budget=token_budget, compile=compile)
+                            token_budget=token_budget, compile=compile, fast=fast)
     guard = checker.load()  # computes the two shared prefixes' KV caches once
     tok = guard.tokenizer
 
@@ -148,9 +151,17 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
     engine.generate(requests[:63] + [longest])  # warm-up: allocates the KV cache, captures the graph
     prompts = word_texts(tok, [r.input_ids for r in requests])
-    checker.check(prompts[:32], "prompt")  # warm-up
-    checker.check(prompts[:32], "output", context=prompts[:32])
-    checker.check(prompts[:160], "output", context=prompts[:160])  # a second shape (compiled: dynamic)
+    # Warm-up on other rows of the same size (other lengths, so other batch shapes than the timed
+    # checks): the compile, and whatever the first passes of full-size batches pay once per process.
+    sync()
+    t0 = time.perf_counter()
+    other = word_texts(tok, [r.input_ids for r in workload("mixed", n)])
+    rng = random.Random(0)
+    checker.check(other, "prompt")
+    checker.check(word_texts(tok, [[rng.randrange(1, 50_000) for _ in range(128)] for _ in other]), "output",
+                  context=other)
+    sync()
+    warmup_s = time.perf_counter() - t0
     checker.stats.clear()
 
     sync()
@@ -198,8 +209,8 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
         prefix_tokens={k: len(v) for k, v in checker._prefix_ids.items()},
         template_tokens_per_row=round((prompt_stats["tokens"] - sum(len(t) for t in
                                        tok(prompts, add_special_tokens=False)["input_ids"])) / n, 1),
-        overhead=round((prompt_s + output_s) / gen_s, 4), batch_size=batch_size, token_budget=token_budget,
-        checker_compiled=checker._compiled is not None,
+        overhead=round((prompt_s + output_s) / gen_s, 4), checker_warmup_s=round(warmup_s, 1), batch_size=batch_size, token_budget=token_budget,
+        checker_compiled=checker.compiled, checker_pass="lean" if checker._pass is not None else "transformers",
         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
     )
 
@@ -213,8 +224,9 @@ def table(r: dict) -> str:
         f"checker prefix {r['prefix_tokens']['prompt']}/{r['prefix_tokens']['output']} tokens (prompt/output "
         f"checks; KV cached once), {r['template_tokens_per_row']} template tokens per row after the text; "
         f"token budget {r['token_budget']}, batch <= {r['batch_size']}, "
-        f"checker {'compiled' if r.get('checker_compiled') else 'eager'}"
-        + (f"; peak {r['peak_gib']} GiB" if r["peak_gib"] else ""),
+        f"checker {'compiled' if r.get('checker_compiled') else 'eager'}, {r.get('checker_pass', 'transformers')} pass"
+        + (f"; peak {r['peak_gib']} GiB" if r["peak_gib"] else "")
+        + f"; checker warm-up (compile) {r.get('checker_warmup_s')} s",
         "",
         "| step | what is read / written | seconds | rows/s | % of generation |",
         "|---|---|---|---|---|",
@@ -248,10 +260,12 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append the result as a JSON line to this file")
     parser.add_argument("--profile", default=None, help="write torch.profiler tables of the checks to this file")
     parser.add_argument("--eager-checker", action="store_true", help="no torch.compile for the checker")
+    parser.add_argument("--transformers-forward", action="store_true",
+                        help="checker verdicts through transformers' forward, not the lean pass")
     args = parser.parse_args()
     mode = "small" if args.small else "tiny" if args.tiny else "standard"
     result = run(mode, args.rows, args.batch_size, args.token_budget, args.prefix_tokens, args.profile,
-                 compile=False if args.eager_checker else None)
+                 compile=False if args.eager_checker else None, fast=not args.transformers_forward)
     print(json.dumps(result), flush=True)
     if args.json:
         with open(args.json, "a") as f:

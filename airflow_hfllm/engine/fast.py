@@ -103,6 +103,26 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int]):
+    """One decoder layer through the model's own modules. x: [n, T, D], cos/sin: [n or 1, T, head_dim],
+    dims: (heads, kv_heads, head_dim). ``write(l, k, v)`` stores this step's keys/values and
+    ``attend(l, q, k, v, scale)`` returns the attention output [n, H, T, hd]."""
+    heads, kv_heads, head_dim = dims
+    n, t, _ = x.shape
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(n, t, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(n, t, kv_heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(n, t, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    write(attn.layer_idx, k, v)
+    o = attend(attn.layer_idx, q, k, v, attn.scaling)
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, heads * head_dim))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 class FastEngine:
     """Completions for many requests at once; see the module docstring.
 
@@ -215,21 +235,7 @@ class FastEngine:
 
     # -- the model -----------------------------------------------------------------------------------
     def _attention_block(self, layer, x, cos, sin, write, attend):
-        """x: [n, T, D]. ``write(l, k, v)`` stores this step's keys/values and ``attend(l, q)`` returns
-        the attention output [n, H, T, hd]."""
-        n, t, _ = x.shape
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(n, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        write(attn.layer_idx, k, v)
-        o = attend(attn.layer_idx, q, k, v, attn.scaling)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, self.heads * self.head_dim))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return decoder_layer(layer, x, cos, sin, write, attend, (self.heads, self.kv_heads, self.head_dim))
 
     def _rope(self, x, positions):
         """cos, sin [n, T, head_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope)."""

@@ -21,9 +21,11 @@ import re
 from collections import Counter
 from typing import Sequence
 
+from airflow_hfllm.engine.fast import unsupported_reason
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.spec import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
+from airflow_hfllm.safety.verdict_pass import VerdictPass
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class LlamaGuardChecker(SafetyChecker):
     :param template: ``auto`` (the tokenizer's chat template when it is Llama Guard's, else the
         built-in Llama Guard 3 prompt), ``model`` or ``builtin``.
     :param dtype: the checker's weights dtype (``auto``: bf16 on GPU, fp32 on CPU).
+    :param fast: verdicts through the lean pass of :mod:`~airflow_hfllm.safety.verdict_pass` where the
+        model's layout allows (Llama/Qwen2/Mistral-style, unquantized); ``False``: transformers' forward.
     :param compile: ``torch.compile`` the decoder (dynamic shapes), fusing the norms, rotary and MLP
         activations that otherwise cost as much GPU time as the matmuls; default: on CUDA. A compile
         failure falls back to eager, with a warning.
@@ -91,7 +95,7 @@ class LlamaGuardChecker(SafetyChecker):
     def __init__(self, model: str, *, revision: str | None = None, hub: HubOptions | None = None,
                  threshold: float = 0.5, batch_size: int = 128, token_budget: int = 32_768,
                  max_length: int = 4096, category_tokens: int = 16, template: str = "auto",
-                 compile: bool | None = None, dtype: str = "auto"):
+                 compile: bool | None = None, dtype: str = "auto", fast: bool = True):
         if template not in ("auto", "model", "builtin"):
             raise ValueError(f"template must be 'auto', 'model' or 'builtin', got {template!r}")
         self.spec = ModelSpec(model, revision=revision, dtype=dtype, task="causal-lm")
@@ -103,6 +107,7 @@ class LlamaGuardChecker(SafetyChecker):
         self.category_tokens = category_tokens
         self.template = template
         self.compile = compile
+        self.fast = fast
         self.name = f"llama-guard:{model}"
         self.stats: Counter = Counter()  # texts, rows, tokens (after the prefix), unsafe rows: counts only
         self._loaded = None
@@ -125,9 +130,14 @@ class LlamaGuardChecker(SafetyChecker):
         # logits_to_keep it gets a strided [rows, 1, hidden] view, which cuBLAS runs as a batched GEMV
         # re-reading the whole vocab matrix per row).
         self._decoder, self._head = model.get_decoder(), model.get_output_embeddings()
-        self._compiled = None
-        if self.compile if self.compile is not None else loaded.device.type == "cuda":
-            self._compiled = torch.compile(self._decoder, dynamic=True)
+        compile_on = self.compile if self.compile is not None else loaded.device.type == "cuda"
+        # Verdicts take the lean pass where the fast engine's layout holds; the category line (unsafe
+        # rows only) and other models take transformers' forward, compiled only when it does verdicts.
+        reason = unsupported_reason(loaded) if self.fast else "fast=False"
+        self._pass = VerdictPass(loaded, compile_on) if reason is None else None
+        if reason:
+            log.info("llama guard %s: transformers' forward for verdicts (%s)", self.spec.model, reason)
+        self._compiled = torch.compile(self._decoder, dynamic=True) if compile_on and reason else None
         # transformers renamed the forward's past_key_values to cache (5.2x); take whichever it has
         params = inspect.signature(self._decoder.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -290,6 +300,34 @@ class LlamaGuardChecker(SafetyChecker):
         except _CompileFailed:  # the cache may hold half a step: start the batch over, eager
             return self._run_once(loaded, kind, rows, new_tokens)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether verdicts run through torch.compile (after a compile failure: no)."""
+        return self._pass.compiled if self._pass is not None else self._compiled is not None
+
+    def _verdicts(self, loaded, kind: Kind, rows: list[list[int]]):
+        """Next-token logits [rows, vocab] through the lean pass: rows padded on the right."""
+        import torch
+
+        ids = torch.full((len(rows), max(map(len, rows))), self._pad, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row)
+        dev = loaded.model.device
+        lengths = torch.tensor([len(row) for row in rows], device=dev)
+        with torch.inference_mode():
+            try:
+                return self._pass.logits(ids.to(dev), lengths, self._prefix_kv[kind])
+            except Exception as exc:
+                if not self._pass.compiled:
+                    raise
+                self._compile_failed(exc)
+                self._pass = VerdictPass(loaded, compile=False)
+                raise _CompileFailed() from exc
+
+    def _compile_failed(self, exc: Exception) -> None:
+        log.warning("llama guard %s: torch.compile failed (%s: %s); running eager", self.spec.model,
+                    type(exc).__name__, str(exc)[:200])
+
     def _run_once(self, loaded, kind: Kind, rows: list[list[int]], new_tokens: int):
         from contextlib import nullcontext
 
@@ -297,6 +335,8 @@ class LlamaGuardChecker(SafetyChecker):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from transformers import DynamicCache
 
+        if not new_tokens and self._pass is not None:
+            return self._verdicts(loaded, kind, rows)
         dev = loaded.model.device
         n, width, start = len(rows), max(map(len, rows)), len(self._prefix_ids[kind])
         # Rows are padded on the left of their own tokens, after the prefix: positions continue the
@@ -319,8 +359,7 @@ class LlamaGuardChecker(SafetyChecker):
                 try:
                     return self._head(self._compiled(**kwargs).last_hidden_state[:, -1]).float()
                 except Exception as exc:  # a torch/transformers pair that cannot compile it: eager from now on
-                    log.warning("llama guard %s: torch.compile failed (%s: %s); running eager", self.spec.model,
-                                type(exc).__name__, str(exc)[:200])
+                    self._compile_failed(exc)
                     self._compiled = None
                     raise _CompileFailed() from exc
             hidden = self._decoder(**kwargs).last_hidden_state

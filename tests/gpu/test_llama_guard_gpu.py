@@ -20,5 +20,36 @@ def test_compiled_checker_gives_the_eager_scores(models):
         for texts, ctx in ((TEXTS, context), (TEXTS[:3], context[:3] if context else None)):  # two shapes
             a = [v.score for v in eager.check(texts, kind, ctx)]
             b = [v.score for v in compiled.check(texts, kind, ctx)]
-            assert compiled._compiled is not None  # it compiled, and stayed compiled
+            assert compiled.compiled  # it compiled, and stayed compiled
             assert b == pytest.approx(a, abs=1e-3)
+
+
+def test_flash_attention_is_causal_from_the_bottom_right_with_grouped_heads():
+    # The lean verdict pass calls flash attention directly for queries that are the last T of S keys:
+    # against the masked fp32 reference, on bf16 inputs, 32 query heads over 8 KV heads.
+    from airflow_hfllm.safety.verdict_pass import causal_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 32, 40, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(3, 8, 154, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    flash = causal_attention(q, k, v, 0.125, True).float()
+    reference = causal_attention(q.float(), k.float(), v.float(), 0.125, True)
+    torch.testing.assert_close(flash, reference, atol=2e-2, rtol=2e-2)
+    top_left = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                                scale=0.125, enable_gqa=True)
+    assert (flash - top_left).abs().max() > 0.1  # the alignment matters: the test can tell them apart
+
+
+def test_lean_verdict_pass_in_bf16_agrees_with_transformers(models):
+    lean = guard(models, None, dtype="bfloat16")
+    loaded = lean.load()
+    assert lean._pass is not None and lean.compiled
+    for kind, context in (("prompt", None), ("output", TEXTS[::-1])):
+        a = [v.score for v in lean.check(TEXTS, kind, context)]
+        lean_pass, lean._pass = lean._pass, None
+        try:
+            b = [v.score for v in lean.check(TEXTS, kind, context)]  # transformers' forward, eager
+        finally:
+            lean._pass = lean_pass
+        assert loaded.model.dtype == torch.bfloat16
+        assert a == pytest.approx(b, abs=0.05)  # bf16 rounding of a random tiny model; fp32 is exact above

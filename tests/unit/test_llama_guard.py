@@ -109,8 +109,8 @@ def test_shared_prefix_kv_equals_a_plain_full_forward(models):
     loaded = checker.load()
     model, tok = loaded.model, loaded.tokenizer
     seen = []
-    hook = model.get_decoder().register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].shape[1]),
-                                                         with_kwargs=True)
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    assert checker._pass is not None  # a Llama: verdicts take the lean pass
     try:
         for kind, context in (("prompt", None), ("output", TEXTS[::-1])):
             seen.clear()
@@ -123,11 +123,17 @@ def test_shared_prefix_kv_equals_a_plain_full_forward(models):
             assert seen and max(seen) == max(len(ids) - len(prefix) for ids in full)
 
             rows = [ids[len(prefix):] for ids in full]
-            batched = checker._run(loaded, kind, rows)  # one padded batch over the expanded prefix cache
+            lean = checker._run(loaded, kind, rows)  # one batch padded on the right over the prefix cache
+            lean_pass, checker._pass = checker._pass, None
+            try:
+                left = checker._run(loaded, kind, rows)  # transformers' forward, padded on the left
+            finally:
+                checker._pass = lean_pass
             with torch.inference_mode():
                 plain = torch.stack([model(input_ids=torch.tensor([ids])).logits[0, -1] for ids in full]).float()
             assert plain.std(0).mean() > 0.5  # rows differ: the comparison is not vacuous
-            torch.testing.assert_close(batched, plain, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(lean, plain, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(left, plain, atol=1e-4, rtol=1e-4)
 
             pair = plain[:, [checker._answer["safe"][0], checker._answer["unsafe"][0]]].softmax(-1)[:, 1]
             assert [v.score for v in verdicts] == pytest.approx(pair.tolist(), abs=1e-5)
@@ -215,12 +221,12 @@ def test_make_checker_llama_guard(models):
 
 def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog):
     """compile=True where torch.compile fails (at its first call, as a real failure does): the batch
-    starts over eager, verdicts equal the eager checker's, later batches stay eager."""
+    starts over eager (the lean verdict pass, not compiled), verdicts equal the eager checker's, later batches stay eager."""
     calls = []
 
-    def broken_compile(module, **kwargs):
-        def run(**kw):
-            calls.append(kw["input_ids"].shape)
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            calls.append(fn)
             raise RuntimeError("inductor: no C++ compiler")
         return run
 
@@ -230,6 +236,6 @@ def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog)
     compiled = guard(models, None, compile=True)
     compiled._loaded = None  # load again, now with compile on
     got = compiled.check(TEXTS, "output", TEXTS[::-1])
-    assert len(calls) == 1 and compiled._compiled is None
+    assert len(calls) == 1 and not compiled.compiled
     assert [v.score for v in got] == pytest.approx(expected, abs=1e-6)
     assert "torch.compile failed (RuntimeError: inductor: no C++ compiler); running eager" in caplog.text
