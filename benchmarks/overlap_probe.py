@@ -30,18 +30,19 @@ from benchmarks.throughput import build, workload  # noqa: E402
 
 
 def side_stream(mode: str):
-    """(stream, green context or None) for the checks' thread."""
+    """(stream, green context or None, whether the context was made current) for the checks' thread.
+    The caller keeps the context referenced while it runs: a collected one destroys its CUDA context."""
     import torch
 
     if not mode.startswith("green-"):
-        return torch.cuda.Stream(), None
+        return torch.cuda.Stream(), None, False
     from torch.cuda.green_contexts import GreenContext
 
     ctx = GreenContext.create(num_sms=int(mode.split("-")[1]), device_id=torch.cuda.current_device())
     if hasattr(ctx, "Stream"):  # torch >= 2.12
-        return ctx.Stream(), None
+        return ctx.Stream(), ctx, False
     ctx.set_context()  # torch 2.10/2.11: the calling thread's current context and stream
-    return torch.cuda.current_stream(), ctx
+    return torch.cuda.current_stream(), ctx, True
 
 
 def main() -> int:
@@ -87,13 +88,13 @@ def main() -> int:
 
         def side():
             try:
-                stream, ctx = side_stream(mode)
+                stream, ctx, current = side_stream(mode)
                 start = time.perf_counter()
                 with torch.cuda.stream(stream):
                     checks()
                 stream.synchronize()
                 box["checks"] = time.perf_counter() - start
-                if ctx is not None:
+                if current:
                     ctx.pop_context()
             except Exception as exc:  # e.g. no green contexts in this torch or driver
                 box["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
