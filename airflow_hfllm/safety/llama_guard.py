@@ -6,7 +6,10 @@ prompt checks, which judge the ``User`` turn, and one for output checks, which j
 turn with the prompt as the user turn before it), so its KV cache is computed once at load and
 expanded over each batch: a check costs only its own tokens. The verdict is the first answer token,
 so it comes from one forward pass: P(unsafe) of the two tokens ``safe`` / ``unsafe`` is the score.
-Only unsafe rows decode a few greedy tokens more, to read the category codes.
+That pass is :class:`~airflow_hfllm.safety.verdict_pass.VerdictPass` for Llama-style checkers (rows
+padded on the right, no masks, flash attention over the prefix cache), transformers' forward for
+others. Only unsafe rows decode a few greedy tokens more (transformers' forward), to read the
+category codes.
 
 Texts longer than ``max_length`` (with the template) are judged in windows, unsafe if any window
 is, never truncated; when an output is windowed, the prompt given as its context keeps its end, at
