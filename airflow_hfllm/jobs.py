@@ -55,7 +55,11 @@ log = logging.getLogger("airflow_hfllm")
 
 
 class ErrorRateExceeded(RuntimeError):
-    """Everything was written, but too many rows ended in ``error``."""
+    """Everything was written, but too many rows ended in ``error``; ``manifest`` is the run's, as written."""
+
+    def __init__(self, message: str, manifest: dict | None = None):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 def _now() -> str:
@@ -404,8 +408,7 @@ class Job:
         if totals["rows"] and totals["errors"] / totals["rows"] > self.max_error_rate:
             raise ErrorRateExceeded(
                 f"{totals['errors']} of {totals['rows']} rows ended in error, over max_error_rate="
-                f"{self.max_error_rate}; see the 'error' column in {out.uri}"
-            )
+                f"{self.max_error_rate}; see the 'error' column in {out.uri}", manifest)
         return manifest
 
     def _row_columns(self, dataset: Dataset) -> list[str]:

@@ -51,6 +51,7 @@ with DAG(
         seed=1234,  # fixed: a backfill regenerates a partition identically
         output_asset=OUTPUT_ASSET,
         chunk_rows=int(os.environ.get("HFLLM_CHUNK_ROWS", "1000")),
+        max_error_rate=float(os.environ.get("HFLLM_MAX_ERROR_RATE", "0.05")),
         queue=os.environ.get("HFLLM_GPU_QUEUE", "default"),  # "gpu" on a Celery deployment
         pool=os.environ.get("HFLLM_GPU_POOL", "default_pool"),  # slots = GPUs
         retries=2,

@@ -244,7 +244,9 @@ class HFGenerateBaseOperator(BaseOperator):
         try:
             manifest = self._job.run()
         except (InputError, ErrorRateExceeded) as exc:
-            # The same input fails the same way on every try: no retries.
+            # The same input fails the same way on every try: no retries. Over the error rate, the
+            # output is written: its counts go to lineage with the failure.
+            self._manifest = getattr(exc, "manifest", None)
             raise AirflowFailException(str(exc)) from exc
         except Cancelled:
             # on_kill only sets a flag; free the GPU here, in the thread that owns the model.
@@ -286,4 +288,9 @@ class HFGenerateBaseOperator(BaseOperator):
     def get_openlineage_facets_on_complete(self, task_instance):
         """As at start, plus the output's schema and statistics and the run's counts, tokens and timings
         from the manifest. No prompt or output text, no credentials."""
+        return self._lineage(self._manifest)
+
+    def get_openlineage_facets_on_failure(self, task_instance):
+        """As at start; when the task failed on ``max_error_rate`` after writing everything, also the
+        output's statistics and the run's counts (how many rows ended in error)."""
         return self._lineage(self._manifest)

@@ -97,6 +97,32 @@ def test_listener_emits_datasets_counts_and_no_text(models, tmp_path):
     assert not leaked, f"{len(leaked)} secret or row strings found in the OpenLineage events"
 
 
+def test_a_run_failed_on_its_error_rate_reports_its_counts(models, tmp_path):
+    """Over max_error_rate the task fails after writing everything: the FAIL event carries the
+    output's statistics and the counts, so lineage says how many rows ended in error."""
+    demo = tmp_path / "demo"
+    df = write_prompts(demo / "input" / "prompts.parquet", 20)
+    df.loc[[3, 11], "prompt"] = None  # 2 of 20 rows end in error: 10% > 5%
+    df.to_parquet(demo / "input" / "prompts.parquet", index=False)
+    log_file = tmp_path / "openlineage.jsonl"
+    result, logs = run_dag(
+        tmp_path, "hfllm_text_daily", "2026-11-20",
+        conf={"model": models("causal-lm"), "input": str(demo / "input"), "output": str(demo / "output")},
+        HFLLM_MAX_NEW_TOKENS="4", HFLLM_CHUNK_ROWS="8", HFLLM_MAX_ERROR_RATE="0.05",
+        AIRFLOW__OPENLINEAGE__TRANSPORT=json.dumps({"type": "file", "log_file_path": str(log_file), "append": True}),
+    )
+    assert result["state"] == "failed", logs[-3000:]
+    assert "2 of 20 rows ended in error" in logs
+    task_events = [e for e in events(log_file) if e["job"]["name"] == "hfllm_text_daily.generate"]
+    assert [e["eventType"] for e in task_events] == ["START", "FAIL"]  # no retries: the same input fails again
+    fail = task_events[-1]
+    assert fail["run"]["facets"]["hfllm_generation"]["counts"] == {
+        "rows": 20, "generated": 18, "unsafe_prompt": 0, "unsafe_output": 0, "errors": 2}
+    [output] = fail["outputs"]
+    assert output["outputFacets"]["outputStatistics"]["rowCount"] == 20
+    assert len(pd.read_parquet(demo / "output" / "ds=2026-11-20")) == 20  # written before failing
+
+
 def test_sharded_dag_plan_and_merge_lineage(models, tmp_path):
     demo = tmp_path / "demo"
     write_prompts(demo / "input" / "a.parquet", 12)
