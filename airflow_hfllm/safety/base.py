@@ -40,6 +40,10 @@ class SafetyChecker(ABC):
     def load(self) -> None:
         """Load models up front, so a checker that cannot load fails the job before any work."""
 
+    def expect(self, texts: int) -> None:
+        """How many texts (prompts and outputs) this run will give :meth:`check`, said before
+        :meth:`load`: a checker may size its setup by it."""
+
     @abstractmethod
     def check(self, texts: Sequence[str], kind: Kind, context: Sequence[str] | None = None) -> list[Verdict]:
         ...

@@ -54,6 +54,10 @@ LLAMA3_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<
 # SDPA kernels for the checker's passes on a GPU: not cuDNN's, which builds a plan for every new shape
 # (and every batch of every chunk has new widths); the mem-efficient kernel takes the padding mask as is.
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# Texts a run must have for compiling the checker to pay, when ``compile`` is left to the default:
+# the compile took 40-90 s per process on an H100/H200 (inductor's disk cache warm / cold) and saved
+# ~0.45 s per 1,024 checks of the standard batch (docs/benchmarks.md), so it pays from ~100k rows.
+COMPILE_MIN_TEXTS = 200_000
 # Stand-ins for the conversation's texts while rendering the template once per kind.
 SLOTS = ("\u27e6context\u27e7", "\u27e6text\u27e7")
 
@@ -91,8 +95,9 @@ class LlamaGuardChecker(SafetyChecker):
     :param fast: verdicts through the lean pass of :mod:`~airflow_hfllm.safety.verdict_pass` where the
         model's layout allows (Llama/Qwen2/Mistral-style, unquantized); ``False``: transformers' forward.
     :param compile: ``torch.compile`` the decoder (dynamic shapes), fusing the norms, rotary and MLP
-        activations that otherwise cost as much GPU time as the matmuls; default: on CUDA. A compile
-        failure falls back to eager, with a warning.
+        activations that otherwise cost as much GPU time as the matmuls. Default: on CUDA, unless the
+        run said (:meth:`expect`) it has fewer than ``COMPILE_MIN_TEXTS`` texts to check, too few to
+        repay the compile. A compile failure falls back to eager, with a warning.
     """
 
     def __init__(self, model: str, *, revision: str | None = None, hub: HubOptions | None = None,
@@ -114,8 +119,17 @@ class LlamaGuardChecker(SafetyChecker):
         self.name = f"llama-guard:{model}"
         self.stats: Counter = Counter()  # texts, rows, tokens (after the prefix), unsafe rows: counts only
         self._loaded = None
+        self._expected: int | None = None
 
     # -- setup -----------------------------------------------------------------------------------
+    def expect(self, texts: int) -> None:
+        self._expected = texts
+
+    def _should_compile(self, device_type: str) -> bool:
+        if self.compile is not None:
+            return self.compile
+        return device_type == "cuda" and (self._expected is None or self._expected >= COMPILE_MIN_TEXTS)
+
     def load(self):
         loaded = get_model(self.spec, self.hub)
         if self._loaded is loaded:
@@ -133,7 +147,10 @@ class LlamaGuardChecker(SafetyChecker):
         # logits_to_keep it gets a strided [rows, 1, hidden] view, which cuBLAS runs as a batched GEMV
         # re-reading the whole vocab matrix per row).
         self._decoder, self._head = model.get_decoder(), model.get_output_embeddings()
-        compile_on = self.compile if self.compile is not None else loaded.device.type == "cuda"
+        compile_on = self._should_compile(loaded.device.type)
+        if self.compile is None and loaded.device.type == "cuda":
+            log.info("llama guard %s: %s (%s texts expected; compiling pays from %d)", self.spec.model,
+                     "compiled" if compile_on else "eager", self._expected, COMPILE_MIN_TEXTS)
         # Verdicts take the lean pass where the fast engine's layout holds; the category line (unsafe
         # rows only) and other models take transformers' forward, compiled only when it does verdicts.
         reason = unsupported_reason(loaded) if self.fast else "fast=False"

@@ -239,3 +239,28 @@ def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog)
     assert len(calls) == 1 and not compiled.compiled
     assert [v.score for v in got] == pytest.approx(expected, abs=1e-6)
     assert "torch.compile failed (RuntimeError: inductor: no C++ compiler); running eager" in caplog.text
+
+
+def test_the_default_compiles_only_for_runs_large_enough_to_repay_it(tiny_lm, models, tmp_path):
+    from airflow_hfllm.safety.llama_guard import COMPILE_MIN_TEXTS
+
+    checker = guard(models, "safe")
+    assert not checker._should_compile("cpu")
+    assert checker._should_compile("cuda")  # nothing said (a direct caller): compile on CUDA
+    checker.expect(COMPILE_MIN_TEXTS - 1)
+    assert not checker._should_compile("cuda")
+    checker.expect(COMPILE_MIN_TEXTS)
+    assert checker._should_compile("cuda")
+    forced = guard(models, "safe", compile=True)
+    forced.expect(10)
+    assert forced._should_compile("cuda") and forced._should_compile("cpu")
+    assert not guard(models, "safe", compile=False)._should_compile("cuda")
+
+    # the job says how many texts it will check: a prompt and an output per row still to do
+    checker._expected = None
+    run(tiny_lm, tmp_path, [checker], n=8)
+    assert checker._expected == 16
+    checker._expected = None
+    TextJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=ModelSpec(tiny_lm),
+            params=GREEDY, safety_checkers=[checker]).run()  # everything committed: nothing to check
+    assert checker._expected is None
