@@ -10,7 +10,8 @@ the prefix cache is concatenated through ``DynamicCache``. Here instead:
 - attention is flash attention with the causal diagonal aligned to the bottom right (queries are the
   last ``w`` of ``prefix + w`` keys), on the prefix keys concatenated with the row's;
 - the last layer projects keys and values for every token but runs its query, attention output and
-  MLP for each row's last token only (the only one whose logits are read): 1/layers of the MLP FLOPs.
+  MLP for each row's last token only (the only one whose logits are read): about 1/layers of the
+  pass's matmul FLOPs saved.
 
 Supports what the fast engine supports (Llama/Qwen2/Mistral-style decoders, unquantized); anything
 else keeps transformers' forward (:meth:`LlamaGuardChecker._run`).
