@@ -326,7 +326,8 @@ class Job:
         if todo:
             t_load = time.monotonic()
             loaded = self._load()
-            todo_rows = sum(min(self.chunk_rows, dataset.rows - k * self.chunk_rows) for k in todo)
+            sizes = dataset.chunk_sizes(self.chunk_rows)
+            todo_rows = sum(sizes[k] for k in todo)
             for checker in self.checkers:
                 checker.expect(2 * todo_rows)  # a prompt check and an output check per row, at most
                 checker.load()

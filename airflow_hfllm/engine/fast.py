@@ -96,6 +96,16 @@ def prefill_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def right_padded(rows: Sequence[Sequence[int]], pad: int = 0):
+    """Token id rows as one [n, longest] CPU tensor, padded after each row's end."""
+    import torch
+
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+    return ids
+
+
 def rotate_half(x):
     import torch
 
@@ -478,12 +488,7 @@ class FastEngine:
 
     def _padded_ids(self, group: list[Request]):
         """The group's prompt ids [n, W], right-padded, on the device."""
-        import torch
-
-        ids = torch.zeros((len(group), max(len(r.input_ids) for r in group)), dtype=torch.long)
-        for row, r in enumerate(group):
-            ids[row, :len(r.input_ids)] = torch.tensor(r.input_ids)
-        return ids.to(self.device)
+        return right_padded([r.input_ids for r in group]).to(self.device)
 
     def _inputs(self, group: list[Request]):
         """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n]

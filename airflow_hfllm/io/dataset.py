@@ -112,6 +112,10 @@ class Dataset:
     def num_chunks(self, chunk_rows: int) -> int:
         return -(-self.rows // chunk_rows)
 
+    def chunk_sizes(self, chunk_rows: int) -> list[int]:
+        """Rows in each chunk (the last may be shorter)."""
+        return [min(chunk_rows, self.rows - k * chunk_rows) for k in range(self.num_chunks(chunk_rows))]
+
     def _read(self, file: InputFile, columns: Sequence[str] | None) -> pa.Table:
         with self.fs.open(file.path, "rb") as f:
             # pre_buffer reads ahead on pyarrow's IO threads; on a Python file object those threads can

@@ -22,8 +22,8 @@ def plan_shards(dataset: Dataset, chunk_rows: int, shards: int, seed: int | None
     here when ``None``) goes to every shard, so sampling does not depend on the plan."""
     if shards < 1:
         raise ValueError("shards must be >= 1")
-    n = dataset.num_chunks(chunk_rows)
-    rows = [min(chunk_rows, dataset.rows - k * chunk_rows) for k in range(n)]
+    rows = dataset.chunk_sizes(chunk_rows)
+    n = len(rows)
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     plan, first, taken = [], 0, 0
     for k in range(n):

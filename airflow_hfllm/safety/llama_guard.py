@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from airflow_hfllm.engine.fast import unsupported_reason
+from airflow_hfllm.engine.fast import right_padded, unsupported_reason
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.spec import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
@@ -315,10 +315,15 @@ class LlamaGuardChecker(SafetyChecker):
         """One forward pass of ``prefix + row`` for each row, over the prefix KV cache expanded to the
         batch. Returns the next-token logits [rows, vocab]; with ``new_tokens``, instead each row's
         greedy continuation (token ids, up to EOS)."""
+        def once():
+            if not new_tokens and self._pass is not None:
+                return self._verdicts(loaded, kind, rows)
+            return self._run_once(loaded, kind, rows, new_tokens)
+
         try:
-            return self._run_once(loaded, kind, rows, new_tokens)
+            return once()
         except _CompileFailed:  # the cache may hold half a step: start the batch over, eager
-            return self._run_once(loaded, kind, rows, new_tokens)
+            return once()
 
     @property
     def compiled(self) -> bool:
@@ -329,14 +334,11 @@ class LlamaGuardChecker(SafetyChecker):
         """Next-token logits [rows, vocab] through the lean pass: rows padded on the right."""
         import torch
 
-        ids = torch.full((len(rows), max(map(len, rows))), self._pad, dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, :len(row)] = torch.tensor(row)
         dev = loaded.model.device
         lengths = torch.tensor([len(row) for row in rows], device=dev)
         with torch.inference_mode():
             try:
-                return self._pass.logits(ids.to(dev), lengths, self._prefix_kv[kind])
+                return self._pass.logits(right_padded(rows, self._pad).to(dev), lengths, self._prefix_kv[kind])
             except Exception as exc:
                 if not self._pass.compiled:
                     raise
@@ -355,8 +357,6 @@ class LlamaGuardChecker(SafetyChecker):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from transformers import DynamicCache
 
-        if not new_tokens and self._pass is not None:
-            return self._verdicts(loaded, kind, rows)
         dev = loaded.model.device
         n, width, start = len(rows), max(map(len, rows)), len(self._prefix_ids[kind])
         # Rows are padded on the left of their own tokens, after the prefix: positions continue the
