@@ -44,7 +44,7 @@ from airflow_hfllm.io.images import (
     image_column_error,
     parse_cell,
 )
-from airflow_hfllm.io.manifest import add_counts, count, fingerprint, output_schema
+from airflow_hfllm.io.manifest import OUTPUT_COLUMNS, add_counts, count, fingerprint, output_schema
 from airflow_hfllm.io.parts import OutputDir, part_name
 from airflow_hfllm.safety import SafetyChecker, judge, make_checker
 
@@ -188,6 +188,12 @@ class Job:
             raise ValueError("chunk_rows must be >= 1")
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError("max_error_rate must be between 0 and 1")
+        for column in self.keep_columns:
+            if column in OUTPUT_COLUMNS:
+                raise ValueError(f"keep column {column!r} has the name of an output column "
+                                 f"({', '.join(OUTPUT_COLUMNS)}): rename it in the input to keep it")
+        if len(set(self.keep_columns)) != len(self.keep_columns):
+            raise ValueError(f"keep columns named more than once: {list(self.keep_columns)}")
         self.log = self.logger or log
         self.prompts = PromptBuilder(self.prompt_column, self.messages_column, self.system_prompt,
                                      self.prompt_template)
@@ -387,7 +393,7 @@ class Job:
             "device": device,
             "model": self.model.to_dict(),
             "generation": self.params.replace(seed=seed).to_dict(),
-            "safety": [c.fingerprint() for c in self.checkers],
+            "safety": [c.describe() for c in self.checkers],
             "fingerprint": fp,
             "seed": seed,
             "input": {"location": str(self.input), "files": len(dataset.files), "rows": dataset.rows},
@@ -542,7 +548,8 @@ class Job:
         progress.errors += chunk.finish.count("error")
 
         table = chunk.table
-        keep = [table.schema.field(c) for c in self.keep_columns]
+        # Types from the dataset's unified schema (every chunk is read in it), so all parts match.
+        keep = [pa.field(c, table.schema.field(c).type) for c in self.keep_columns]
         schema = output_schema(table.schema.field(self.id_column).type, keep, metadata)
         columns = {
             "id": table.column(self.id_column),

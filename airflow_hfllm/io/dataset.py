@@ -2,12 +2,17 @@
 
 Files are sorted by path and rows kept in file order, so chunk k always holds the same rows and a
 retry or a shard can find its work again. Files whose name starts with ``_`` or ``.`` are skipped,
-like every Parquet reader does.
+as pandas, pyarrow and Spark skip them in a folder.
+
+The input's schema is decided once, from every file's footer, before anything is read: each column's
+types across files are unified (null -> the other files' type, int32 -> int64, string ->
+large_string), so every chunk, and every part written from it, has the same schema whichever files it
+came from. A column that is null in every file becomes a string column.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import pyarrow as pa
@@ -34,6 +39,7 @@ class InputFile:
     size: int
     version: str  # etag or mtime: a changed file changes the job fingerprint
     rows: int
+    schema: pa.Schema = field(compare=False, repr=False, default=None)
 
 
 def _version(info: dict) -> str:
@@ -62,14 +68,42 @@ def list_files(fs, path: str) -> list[str]:
     return sorted(files)
 
 
+def unify(files: list[InputFile]) -> tuple[pa.Schema, dict[str, list[tuple[str, pa.DataType]]]]:
+    """One schema over all files, column by column, and the columns whose types do not unify (with
+    each file's type): those can't be read into one output schema."""
+    types: dict[str, list[tuple[str, pa.DataType]]] = {}
+    for file in files:
+        for f in file.schema:
+            types.setdefault(f.name, []).append((file.path, f.type))
+    fields, conflicts = [], {}
+    for name, seen in types.items():
+        try:
+            typ = pa.unify_schemas([pa.schema([(name, t)]) for _, t in seen], promote_options="permissive"
+                                   ).field(name).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            conflicts[name] = seen
+            continue
+        fields.append(pa.field(name, pa.string() if pa.types.is_null(typ) else typ))
+    return pa.schema(fields), conflicts
+
+
+def describe_conflict(column: str, seen: list[tuple[str, pa.DataType]]) -> str:
+    by_type: dict[str, list[str]] = {}
+    for path, typ in seen:
+        by_type.setdefault(str(typ), []).append(path)
+    shown = "; ".join(f"{typ} in {', '.join(paths[:3])}{' and %d more' % (len(paths) - 3) if len(paths) > 3 else ''}"
+                      for typ, paths in by_type.items())
+    return f"column {column!r} has types that cannot be unified across input files: {shown}"
+
+
 class Dataset:
     """The input of one job. :meth:`open` checks everything that can be checked up front."""
 
-    def __init__(self, fs, location: str, files: list[InputFile], schema: pa.Schema):
+    def __init__(self, fs, location: str, files: list[InputFile]):
         self.fs = fs
         self.location = location
         self.files = files
-        self.schema = schema
+        self.schema, self.conflicts = unify(files)
 
     @classmethod
     def open(cls, location: str, fs=None, *, required: Sequence[str] = (), string_columns: Sequence[str] = (),
@@ -77,7 +111,7 @@ class Dataset:
         """``check_ids=False`` keeps the id column's type check but skips reading every id for
         duplicates: for shards, whose planner checked the whole input once."""
         fs, path = to_fs(location, fs)
-        files, schema = [], None
+        files = []
         for file in list_files(fs, path):
             try:
                 with fs.open(file, "rb") as f:
@@ -98,9 +132,11 @@ class Dataset:
                 typ = file_schema.field(id_column).type
                 if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)):
                     raise InputError(f"{file}: id column {id_column!r} is {typ}, expected string or integer")
-            files.append(InputFile(file, int(fs.size(file)), _version(fs.info(file)), meta.num_rows))
-            schema = schema or file_schema
-        dataset = cls(fs, location, files, schema)
+            files.append(InputFile(file, int(fs.size(file)), _version(fs.info(file)), meta.num_rows, file_schema))
+        dataset = cls(fs, location, files)
+        for column in dict.fromkeys([*([id_column] if id_column else []), *required]):
+            if column in dataset.conflicts:
+                raise InputError(describe_conflict(column, dataset.conflicts[column]))
         if id_column and check_ids:
             dataset.check_ids(id_column)
         return dataset
@@ -117,11 +153,24 @@ class Dataset:
         return [min(chunk_rows, self.rows - k * chunk_rows) for k in range(self.num_chunks(chunk_rows))]
 
     def _read(self, file: InputFile, columns: Sequence[str] | None) -> pa.Table:
+        """The file's rows in the dataset's schema: columns cast to their unified types, and null for
+        a column this file lacks."""
+        names = list(columns) if columns else self.schema.names
+        for name in names:
+            if name in self.conflicts:
+                raise InputError(describe_conflict(name, self.conflicts[name]))
+        have = [n for n in names if n in file.schema.names]
         with self.fs.open(file.path, "rb") as f:
             # pre_buffer reads ahead on pyarrow's IO threads; on a Python file object those threads can
             # outlive the read and abort the interpreter at exit ("terminate called without an active
             # exception"), seen on a quick exit after an input error.
-            return pq.read_table(f, columns=list(columns) if columns else None, pre_buffer=False)
+            table = pq.read_table(f, columns=have, pre_buffer=False)
+        target = pa.schema([self.schema.field(n) for n in names])
+        arrays = [table.column(n) if n in have else pa.nulls(table.num_rows, target.field(n).type) for n in names]
+        try:
+            return pa.table(arrays, names=names).cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. an int64 id past a uint64's range
+            raise InputError(f"{file.path}: cannot read as the input's schema {target}: {exc}") from None
 
     def check_ids(self, id_column: str) -> None:
         seen: dict = {}
@@ -174,6 +223,4 @@ class Dataset:
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
-    if len(tables) == 1:
-        return tables[0]
-    return pa.concat_tables(tables, promote_options="permissive")
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)

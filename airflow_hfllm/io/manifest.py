@@ -18,20 +18,23 @@ VERDICT = pa.struct([
 ])
 
 
+# Every part's columns before the keep columns; ``id`` takes the input id column's (unified) type.
+OUTPUT_FIELDS = (
+    pa.field("output", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("prompt_safe", pa.bool_()),
+    pa.field("output_safe", pa.bool_()),
+    pa.field("prompt_safety", pa.list_(VERDICT)),
+    pa.field("output_safety", pa.list_(VERDICT)),
+    pa.field("error", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("output_tokens", pa.int32()),
+)
+OUTPUT_COLUMNS = ("id", *(f.name for f in OUTPUT_FIELDS))
+
+
 def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict) -> pa.Schema:
-    fields = [
-        pa.field("id", id_type),
-        pa.field("output", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("prompt_safe", pa.bool_()),
-        pa.field("output_safe", pa.bool_()),
-        pa.field("prompt_safety", pa.list_(VERDICT)),
-        pa.field("output_safety", pa.list_(VERDICT)),
-        pa.field("error", pa.string()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("output_tokens", pa.int32()),
-        *keep,
-    ]
+    fields = [pa.field("id", id_type), *OUTPUT_FIELDS, *keep]
     return pa.schema(fields, metadata={b"hfllm": json.dumps(metadata, sort_keys=True, default=str).encode()})
 
 

@@ -9,7 +9,8 @@ Layout (every name a reader must skip starts with ``_``)::
     _manifest.json               written last
 
 A part counts as done only when its commit record carries the current fingerprint. Locally a part is
-written under a temporary ``_tmp-*`` name and renamed into place; object stores have no rename, but a
+written under a temporary ``_tmp-*.tmp`` name (which no ``*.parquet`` glob matches) and renamed into
+place, and the next attempt removes what a killed writer left; object stores have no rename, but a
 PUT is atomic and the commit record still comes after it.
 """
 
@@ -62,7 +63,8 @@ class OutputDir:
             with self.fs.open(final, "wb") as f:
                 write(f)
             return
-        tmp = posixpath.join(parent, f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        # Ends in .tmp: a reader's ``*.parquet`` glob must not count a killed writer's leftover twice.
+        tmp = posixpath.join(parent, f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}.tmp")
         try:
             with self.fs.open(tmp, "wb") as f:
                 write(f)

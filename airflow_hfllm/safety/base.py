@@ -49,8 +49,13 @@ class SafetyChecker(ABC):
         ...
 
     def fingerprint(self) -> dict:
-        """What changes verdicts: part of the job fingerprint."""
+        """What changes verdicts: part of the job fingerprint (hashed, never shown)."""
         return {"checker": self.name}
+
+    def describe(self) -> dict:
+        """What the manifest (and so XCom, the UI and lineage) shows of this checker: nothing a
+        checker keeps private, such as a blocklist's terms."""
+        return self.fingerprint()
 
 
 @dataclass

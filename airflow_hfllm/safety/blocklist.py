@@ -16,6 +16,7 @@ class BlocklistChecker(SafetyChecker):
     """
 
     def __init__(self, terms: Sequence[str] | str, category: str = "blocklist"):
+        self.source = str(terms) if isinstance(terms, (str, Path)) else None
         if isinstance(terms, (str, Path)):
             lines = Path(terms).read_text(encoding="utf-8").splitlines()
             terms = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
@@ -35,3 +36,7 @@ class BlocklistChecker(SafetyChecker):
 
     def fingerprint(self) -> dict:
         return {"checker": self.name, "terms": self.terms, "category": self.category}
+
+    def describe(self) -> dict:
+        # The terms are often what the job must not show (slurs, names, secrets): name the list only.
+        return {"checker": self.name, "category": self.category, "terms": len(self.terms), "source": self.source}
