@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from airflow_hfllm.engine.loading import HubOptions
+from airflow_hfllm.get_provider_info import ui_field_behaviour
 
 
 class HuggingFaceHook(BaseHook):
@@ -31,14 +32,9 @@ class HuggingFaceHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["schema", "port", "login"],
-            "relabeling": {"password": "HF token", "host": "Hub endpoint (optional)"},
-            "placeholders": {
-                "extra": '{"cache_dir": "/models/hf", "offline": false}',
-                "host": "https://huggingface.co",
-            },
-        }
+        """The connection form's behaviour in the hook method's format. Airflow 3.2+ reads it from the
+        provider info instead (``ui-field-behaviour``); both come from one definition there."""
+        return ui_field_behaviour(kebab=False)
 
     def get_conn(self) -> HubOptions:
         env = HubOptions.from_env()

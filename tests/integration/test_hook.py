@@ -40,3 +40,36 @@ def test_provider_registers_connection_type(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("huggingface"))
     assert "airflow_hfllm.hooks.huggingface.HuggingFaceHook" in line
+
+
+# What GET /ui/connections/hook_meta answers (the route returns HookMetaService.hook_meta_data()): since
+# Airflow 3.2 the connection form is built from the provider info alone, the hook is never imported.
+HOOK_META_SCRIPT = """
+import json
+from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+[meta] = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "huggingface"]
+print("RESULT " + meta.model_dump_json())
+"""
+
+
+def test_connection_form_fields_in_hook_meta(tmp_path):
+    env = dict(os.environ, AIRFLOW_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", HOOK_META_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert meta["hook_name"] == "HuggingFace"
+    assert meta["hook_class_name"] == "airflow_hfllm.hooks.huggingface.HuggingFaceHook"
+    fields = meta["standard_fields"]
+    assert fields, f"no standard fields for the huggingface connection type (the form would be bare): {meta}"
+    assert fields["password"] == {"hidden": False, "title": "HF token", "placeholder": None}
+    assert fields["host"] == {"hidden": False, "title": "Hub endpoint (optional)",
+                              "placeholder": "https://huggingface.co"}
+    for name in ("login", "port", "url_schema"):
+        assert fields[name] and fields[name]["hidden"], (name, fields[name])
+    # The hook agrees with the form (one definition of the behaviour, two readers).
+    from airflow_hfllm.hooks.huggingface import HuggingFaceHook
+
+    behaviour = HuggingFaceHook.get_ui_field_behaviour()
+    assert behaviour["relabeling"]["password"] == "HF token"
+    assert sorted(behaviour["hidden_fields"]) == ["login", "port", "schema"]
