@@ -79,6 +79,7 @@ class Progress:
         self.started = self.last = time.monotonic()
         self.rows = self.tokens = 0
         self.unsafe_prompt = self.unsafe_output = self.errors = 0
+        self.logged = None  # the counts of the last line
 
     def batch(self, rows: int, tokens: int) -> None:
         self.rows += rows
@@ -89,7 +90,12 @@ class Progress:
         now = time.monotonic()
         if not force and now - self.last < self.every:
             return
-        self.last = now
+        counts = (self.rows, self.unsafe_prompt, self.unsafe_output, self.errors)
+        # A batch and then its chunk's commit, or the last commit and then the run's end, would
+        # otherwise log the same line twice.
+        if counts == self.logged:
+            return
+        self.last, self.logged = now, counts
         elapsed = max(now - self.started, 1e-9)
         rate = self.rows / elapsed
         done = min(self.done + self.rows, self.total)
@@ -137,6 +143,8 @@ class Job:
     :param id_column: unique join key.
     :param prompt_column: string prompt; ``messages_column`` takes chat messages instead.
     :param prompt_template: Jinja over the row, e.g. ``"Summarise: {{ row.text }}"``.
+    :param template_context: more variables the template reads (the operator's Airflow context:
+        ``{{ ds }}``); the values it reads are part of the fingerprint.
     :param keep_columns: input columns copied to the output.
     :param chunk_rows: rows per input chunk = per output part (the unit of retry).
     :param batch_size: cap on rows per GPU batch; a token budget does the rest.
@@ -161,6 +169,7 @@ class Job:
     max_new_tokens_column: str = "max_new_tokens"
     system_prompt: str | None = None
     prompt_template: str | None = None
+    template_context: dict = field(default_factory=dict, repr=False)
     keep_columns: Sequence[str] = ()
     chunk_rows: int = 1000
     batch_size: int | None = None
@@ -186,6 +195,9 @@ class Job:
             raise ValueError(f"on_unsafe_output must be 'redact' or 'keep', got {self.on_unsafe_output!r}")
         if self.chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
+        for name in ("batch_size", "max_prompt_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError("max_error_rate must be between 0 and 1")
         for column in self.keep_columns:
@@ -196,7 +208,7 @@ class Job:
             raise ValueError(f"keep columns named more than once: {list(self.keep_columns)}")
         self.log = self.logger or log
         self.prompts = PromptBuilder(self.prompt_column, self.messages_column, self.system_prompt,
-                                     self.prompt_template)
+                                     self.prompt_template, self.template_context)
         self.checkers: list[SafetyChecker] = [make_checker(c, self.hub) for c in self.safety_checkers]
 
     def cancel(self) -> None:
@@ -242,8 +254,10 @@ class Job:
         required = self._required_columns()
         strings = [self.prompt_column] if required and self.prompt_column in self.prompts.input_columns() else []
         # A shard's planner checked ids across the whole input; every shard re-reading them is waste.
-        return Dataset.open(self.input, self.input_fs, required=required, string_columns=strings,
-                            id_column=self.id_column, check_ids=self.shard is None)
+        dataset = Dataset.open(self.input, self.input_fs, required=required, string_columns=strings,
+                               id_column=self.id_column, check_ids=self.shard is None)
+        self.prompts.check_input(dataset)
+        return dataset
 
     def _fingerprint(self, dataset: Dataset, seed) -> str:
         described = {
@@ -255,7 +269,7 @@ class Job:
             "on_unsafe_output": self.on_unsafe_output,
             "columns": [self.id_column, self.prompt_column, self.messages_column, self.max_new_tokens_column,
                         list(self.keep_columns)],
-            "prompt": [self.system_prompt, self.prompt_template],
+            "prompt": self.prompts.fingerprint(),
             "chunk_rows": self.chunk_rows,
             "max_prompt_tokens": self.max_prompt_tokens,
         }
@@ -311,6 +325,8 @@ class Job:
         started, t0 = _now(), time.monotonic()
         dataset = self.open_input()
         out_fs, out_path = to_fs(self.output, self.output_fs)
+        if out_fs.isfile(out_path):
+            raise InputError(f"output {out_path} is a file, not a folder")
         out = OutputDir(out_fs, out_path)
         fp, seed, done = self._resume(out, dataset)
         n_chunks = dataset.num_chunks(self.chunk_rows)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,8 +125,40 @@ AUTO_CLASSES = {
 }
 
 
+_quiet_lock = threading.Lock()
+_quiet_loads = 0
+_bars_were_on = False
+
+
+@contextmanager
+def no_progress_bars():
+    """transformers' and huggingface_hub's progress bars (downloads, "Loading weights") off for the
+    block: in a task log each redraw is one more line, for nothing. Loads may overlap (threads): the
+    bars come back, if they were on, when the last one ends."""
+    from transformers.utils import logging as hf_logging
+
+    global _quiet_loads, _bars_were_on
+    with _quiet_lock:
+        if _quiet_loads == 0:
+            _bars_were_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+        _quiet_loads += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_loads -= 1
+            if _quiet_loads == 0 and _bars_were_on:
+                hf_logging.enable_progress_bar()
+
+
 def load(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedModel:
     """Load tokenizer and model for ``spec`` (no caching; see :func:`get_model`)."""
+    with no_progress_bars():
+        return _load(spec, hub)
+
+
+def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     import transformers
 
     hub = hub or HubOptions.from_env()

@@ -43,7 +43,11 @@ class HFGenerateBaseOperator(BaseOperator):
     :param id_column: unique join key column.
     :param prompt_column: prompt string column.
     :param system_prompt: system message for every row. Templated.
-    :param prompt_template: Jinja over the row (``{{ row.text }}``) building the prompt. Templated.
+    :param prompt_template: Jinja building each row's prompt, rendered by the job once per row with the
+        row as ``row`` (``"Summarise: {{ row.text | trim }}"``) and this task's template context
+        (``{{ ds }}``, ``{{ params.x }}``, the DAG's ``user_defined_macros``); the values it reads from
+        the context are part of the output's fingerprint. A column it reads that the input lacks fails
+        the task before any model loads. The UI's Rendered Templates tab shows it as written.
     :param keep_columns: input columns copied to the output.
     :param chunk_rows: rows per input chunk and output part (the unit of retry).
     :param batch_size: cap on rows per GPU batch; a token budget does the rest.
@@ -169,6 +173,14 @@ class HFGenerateBaseOperator(BaseOperator):
         self._job = None
         self._manifest = None  # kept for the OpenLineage facets of the finished run
 
+    def _do_render_template_fields(self, parent, template_fields, context, jinja_env, seen_oids) -> None:
+        # Rendered here, {{ row.text }} would be undefined: the job renders prompt_template per row,
+        # with this same context (job_arguments). It stays a template field for the UI. (Mapped tasks
+        # render through this method too, not through render_template_fields.)
+        if parent is self:
+            template_fields = [name for name in template_fields if name != "prompt_template"]
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+
     @cached_property
     def hook(self) -> HuggingFaceHook:
         return HuggingFaceHook(hf_conn_id=self.hf_conn_id)
@@ -203,6 +215,7 @@ class HFGenerateBaseOperator(BaseOperator):
             prompt_column=self.prompt_column,
             system_prompt=self.system_prompt or None,
             prompt_template=self.prompt_template or None,
+            template_context=self._template_context(context) if self.prompt_template else {},
             keep_columns=self.keep_columns,
             chunk_rows=self.chunk_rows,
             batch_size=self.batch_size,
@@ -217,6 +230,13 @@ class HFGenerateBaseOperator(BaseOperator):
             engine=self.engine,
             shard=self.shard,
         )
+
+    @staticmethod
+    def _template_context(context: Context) -> dict:
+        """What a template of this task can read: the context, over the DAG's ``user_defined_macros``
+        (as in Airflow's own rendering)."""
+        dag = context.get("dag")
+        return {**(getattr(dag, "user_defined_macros", None) or {}), **context}
 
     @staticmethod
     def _run_info(context: Context) -> dict:

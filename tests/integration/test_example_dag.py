@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def run_dag(tmp_path, dag_id, date, conf=None, **env):
+def run_dag(tmp_path, dag_id, date, conf=None, dags=ROOT / "dags", **env):
     environ = dict(os.environ)
     environ.update(
         AIRFLOW_HOME=str(tmp_path / "airflow"),
-        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(dags),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         PYTHONPATH=str(ROOT),
         HFLLM_DAG_RESULT=str(tmp_path / f"result-{dag_id}-{date}.txt"),

@@ -1,5 +1,6 @@
-"""The hfllm CLI: exit codes with one-line reasons, and resume after kill -9."""
+"""The hfllm CLI: options, exit codes with one-line reasons, log lines, and resume after kill -9."""
 
+import argparse
 import json
 import os
 import signal
@@ -9,7 +10,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+from airflow_hfllm.cli import build_parser
 from tests.conftest import write_prompts
 
 HFLLM = [sys.executable, "-m", "airflow_hfllm.cli"]
@@ -33,11 +36,15 @@ def test_up_front_errors_exit_nonzero_with_one_line(tiny_lm, tmp_path):
 
 def test_text_prints_manifest(tiny_lm, tmp_path):
     prompts = write_prompts(tmp_path / "in.parquet", 8).prompt
+    # --progress-every 0: a line whenever the counts move, and the last one once
     done = hfllm("text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"), "--output",
-                 str(tmp_path / "out"), "--max-new-tokens", "6", "--no-sample", "--chunk-rows", "4")
+                 str(tmp_path / "out"), "--max-new-tokens", "6", "--no-sample", "--chunk-rows", "4",
+                 "--progress-every", "0")
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)
     assert manifest["counts"]["rows"] == 8 and manifest["parts"] == ["part-00000.parquet", "part-00001.parquet"]
+    assert done.stderr.count("progress: 8/8 rows") == 1, done.stderr
+    assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr  # no loader progress bar
     # counts and ids only in logs: no prompt or output text
     outputs = pd.read_parquet(tmp_path / "out").output
     for text in [*prompts, *outputs]:
@@ -74,3 +81,50 @@ def test_kill_9_then_rerun_gives_every_id_once(tiny_lm, tmp_path):
     assert manifest["counts"]["rows"] == 1500 and len(manifest["parts"]) == 75
     assert len(manifest["attempts"]) == 2 and manifest["attempts"][0]["finished"] is None
     assert not list(out.glob("_tmp-*"))
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_has_help_and_the_exit_codes_are_listed(capsys):
+    for name, parser in {"hfllm": build_parser(), **subcommands()}.items():
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for code in ("0 ", "2 ", "3 ", "130 "):
+        assert f"\n  {code}" in shown.split("exit codes:")[1]
+    text_help = subcommands()["text"].format_help()
+    assert "(default: 1024)" in text_help and "(default: 1000)" in text_help
+
+
+def test_sample_switch_on_both_commands_with_the_operators_defaults():
+    common = ["--model", "m", "--input", "i", "--output", "o"]
+    parse = build_parser().parse_args
+    assert parse(["text", *common]).sample is True
+    assert parse(["text", *common, "--no-sample"]).sample is False
+    assert parse(["vision", *common]).sample is False  # greedy, as the vision operator
+    assert parse(["vision", *common, "--sample"]).sample is True
+    assert parse(["vision", *common, "--no-sample"]).sample is False
+    assert parse(["vision", *common]).chunk_rows == 256 and parse(["text", *common]).chunk_rows == 1000
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--chunk-rows", "--max-new-tokens", "--max-prompt-tokens"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_sizes_below_one_are_refused(capsys, option, value):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["text", "--model", "m", "--input", "i", "--output", "o", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_named(tiny_lm, tmp_path):
+    write_prompts(tmp_path / "in.parquet", 2)
+    (tmp_path / "out").write_text("x")
+    done = hfllm("text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"hfllm: error: output {tmp_path / 'out'} is a file, not a folder"
