@@ -7,11 +7,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test system-deps clean
 
-$(STAMP): pyproject.toml
+TORCH := torch==2.13.0
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(TORCH)
+	# The pin again: without it, pip (26.3, seen 2026-12-02) replaced the CPU build with the newest
+	# CUDA build and ~5 GB of nvidia packages while installing the package's own `torch>=2.6`.
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)

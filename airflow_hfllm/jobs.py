@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import socket
@@ -64,6 +65,31 @@ class ErrorRateExceeded(RuntimeError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def python_rows(table: pa.Table) -> tuple[list[dict], dict[int, str]]:
+    """The table's rows as dicts, and what is wrong with rows whose values Python can't take (a string
+    that is not valid UTF-8): those rows' bad values are None, and they end in ``error``, the others
+    run."""
+    try:
+        return table.to_pylist(), {}
+    except UnicodeDecodeError:
+        pass
+    columns, bad = {}, {}
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            columns[name] = column.to_pylist()
+        except UnicodeDecodeError:
+            values = []
+            for i in range(len(column)):
+                try:
+                    values.append(column[i].as_py())
+                except UnicodeDecodeError:
+                    values.append(None)
+                    bad.setdefault(i, f"column {name!r} holds a string that is not valid UTF-8")
+            columns[name] = values
+    return [dict(zip(columns, values)) for values in zip(*columns.values())], bad
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -155,6 +181,11 @@ class Job:
     :param max_error_rate: fail after writing when more than this share of rows ended in error.
     :param engine: ``auto`` (the fast engine on a GPU when the model allows, else batched
         ``generate()``), ``fast`` or ``batched``.
+    :param input_fingerprint: how a changed input is noticed: ``metadata`` (each file's size and
+        version: the object store's etag, a local file's mtime) or ``content`` (a SHA-256 of every
+        file's bytes, read on each run: for files rewritten in place with size and mtime kept).
+    :param replace_foreign_files: delete files in the output folder that this package did not write
+        (off: such a folder is refused, since its readers would mix those files with the rows).
     """
 
     input: str
@@ -179,6 +210,8 @@ class Job:
     on_unsafe_output: str = "redact"
     max_error_rate: float = 0.05
     engine: str = "auto"
+    replace_foreign_files: bool = False
+    input_fingerprint: str = "metadata"
     shard: dict | None = None
     hub: HubOptions | None = None
     run_info: dict = field(default_factory=dict)
@@ -195,6 +228,8 @@ class Job:
             raise ValueError(f"on_unsafe_output must be 'redact' or 'keep', got {self.on_unsafe_output!r}")
         if self.chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
+        if self.input_fingerprint not in ("metadata", "content"):
+            raise ValueError(f"input_fingerprint must be 'metadata' or 'content', got {self.input_fingerprint!r}")
         for name in ("batch_size", "max_prompt_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
@@ -262,7 +297,7 @@ class Job:
     def _fingerprint(self, dataset: Dataset, seed) -> str:
         described = {
             "format": FORMAT_VERSION,
-            "input": dataset.fingerprint(),
+            "input": dataset.fingerprint(content=self.input_fingerprint == "content"),
             "model": self.model.to_dict(),
             "params": self.params.replace(seed=seed).to_dict(),
             "safety": [c.fingerprint() for c in self.checkers],
@@ -306,14 +341,17 @@ class Job:
                 seed = random.SystemRandom().randrange(2**31)
             out.write_json(state_name, {"fingerprint": fp, "seed": seed})
         mine = self._chunks(dataset)
-        out.remove_temporaries(None if self.shard is None else mine)
+        out.remove_temporaries()
         done = {}
         for index, record in out.commits().items():
             if self.shard is not None and index not in mine:
                 continue
-            if index in mine and record.get("fingerprint") == fp and out.fs.exists(out.join(part_name(index))):
+            if index in mine and record.get("fingerprint") == fp and out.intact(index, record):
                 done[index] = record
             else:
+                if record.get("fingerprint") == fp:
+                    self.log.warning("output %s: part %d is not what its commit record says (changed or "
+                                     "truncated since): redoing it", out.uri, index)
                 out.remove_part(index)
         for index in out.part_indices() - set(done):
             if index in mine or (self.shard is None and index >= len(mine)):
@@ -327,7 +365,14 @@ class Job:
         out_fs, out_path = to_fs(self.output, self.output_fs)
         if out_fs.isfile(out_path):
             raise InputError(f"output {out_path} is a file, not a folder")
+        overlap = dataset.overlaps(out_fs, out_path)
+        if overlap:  # a retry would read this run's parts as input
+            raise InputError(f"{overlap}: put the output outside the input")
         out = OutputDir(out_fs, out_path)
+        removed = out.remove_foreign(self.replace_foreign_files)
+        if removed:
+            self.log.info("output %s: removed %d files this job did not write (replace_foreign_files)",
+                          out.uri, len(removed))
         fp, seed, done = self._resume(out, dataset)
         n_chunks = dataset.num_chunks(self.chunk_rows)
         mine = self._chunks(dataset)
@@ -365,8 +410,7 @@ class Job:
                 counts = count(part.column("finish_reason").to_pylist(), part.column("prompt_tokens").to_pylist(),
                                part.column("output_tokens").to_pylist())
                 record = {"fingerprint": fp, "part": part_name(index), "counts": counts, "written": _now()}
-                out.write_part(index, part, record)
-                done[index] = record
+                done[index] = record = out.write_part(index, part, record)
                 attempt["parts_written"].append(index)
                 this_attempt["rows"] += counts["rows"]
                 this_attempt["output_tokens"] += counts["output_tokens"]
@@ -496,11 +540,13 @@ class Job:
 
     def _start_chunk(self, table: pa.Table, loaded, progress: Progress) -> "_Chunk":
         """Everything before generation: prompts, prompt checks, token limits."""
-        rows = table.to_pylist()
+        rows, bad = python_rows(table)
         chunk = _Chunk(table, len(rows), table.column(self.id_column).to_pylist())
         prepared: list = [None] * chunk.n
         for i, row in enumerate(rows):
             try:
+                if i in bad:
+                    raise RowError(bad[i])
                 prepared[i] = self._prepare(row)
             except RowError as exc:
                 chunk.fail(i, str(exc))
@@ -525,13 +571,18 @@ class Job:
             except RowError as exc:
                 chunk.fail(i, str(exc))
                 continue
-            ids, new = request.input_ids, request.max_new_tokens
-            chunk.prompt_tokens[i] = len(ids)
-            limit = self.max_prompt_tokens or ((limit_model - new) if limit_model else None)
-            if limit is not None and len(ids) > limit:
-                chunk.fail(i, f"prompt has {len(ids)} tokens, over the limit of {limit}"
-                              f"{' (max_prompt_tokens)' if self.max_prompt_tokens else ' (model context minus max_new_tokens)'}")
+            n = chunk.prompt_tokens[i] = len(request.input_ids)
+            if self.max_prompt_tokens and n > self.max_prompt_tokens:
+                chunk.fail(i, f"prompt has {n} tokens, over the limit of {self.max_prompt_tokens} (max_prompt_tokens)")
                 continue
+            if limit_model:
+                if n >= limit_model:
+                    chunk.fail(i, f"prompt has {n} tokens, over the limit of {limit_model - 1} (the model's "
+                                  f"context of {limit_model} less one new token)")
+                    continue
+                # Generation stops at the context's end ("length"), and the engines size a row's KV
+                # cache by its max_new_tokens: a row asking for a million must not get it.
+                request.max_new_tokens = min(request.max_new_tokens, limit_model - n)
             chunk.requests[i] = request
         chunk.order = list(chunk.requests)
         return chunk
@@ -579,10 +630,18 @@ class Job:
                          else columns[f.name].cast(f.type) for f in schema], schema=schema)
 
     def _max_new_tokens(self, row: dict) -> int:
+        """The row's own ``max_new_tokens`` (null or NaN: the job's)."""
         value = row.get(self.max_new_tokens_column)
-        if value is None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return self.params.max_new_tokens
-        return max(1, int(value))
+        try:
+            number = int(value)
+            whole = number == value if isinstance(value, (int, float)) else str(number) == str(value).strip()
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or number < 1:
+            raise RowError(f"{self.max_new_tokens_column} is {value!r}, not a whole number of at least 1")
+        return number
 
     @staticmethod
     def _reset_peak(loaded) -> None:

@@ -324,7 +324,12 @@ def checked_text(messages: list[dict[str, str]]) -> str:
 def encode(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the formatted prompt, ready for generation."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # the template's own raise_exception(): roles out of order, ...
+            raise RowError(f"the model's chat template refused the messages: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some versions
             ids = ids["input_ids"]
         return list(ids)

@@ -12,6 +12,7 @@ came from. A column that is null in every file becomes a string column.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -99,11 +100,24 @@ def describe_conflict(column: str, seen: list[tuple[str, pa.DataType]]) -> str:
 class Dataset:
     """The input of one job. :meth:`open` checks everything that can be checked up front."""
 
-    def __init__(self, fs, location: str, files: list[InputFile]):
+    def __init__(self, fs, location: str, files: list[InputFile], folder: str | None = None):
         self.fs = fs
         self.location = location
         self.files = files
+        self.folder = folder  # the input folder, when the location is one: all files below it are input
         self.schema, self.conflicts = unify(files)
+
+    def overlaps(self, fs, folder: str) -> str | None:
+        """Why an output ``folder`` on ``fs`` would be read back as input, or None."""
+        if fs.protocol != self.fs.protocol:
+            return None
+        folder = folder.rstrip("/") + "/"
+        if self.folder is not None and (folder.startswith(self.folder.rstrip("/") + "/")):
+            return f"output {folder.rstrip('/')} is inside the input folder {self.folder}"
+        inside = [f.path for f in self.files if f.path.startswith(folder)]
+        if inside:
+            return f"input files are inside the output folder {folder.rstrip('/')} ({inside[0]})"
+        return None
 
     @classmethod
     def open(cls, location: str, fs=None, *, required: Sequence[str] = (), string_columns: Sequence[str] = (),
@@ -133,7 +147,7 @@ class Dataset:
                 if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_integer(typ)):
                     raise InputError(f"{file}: id column {id_column!r} is {typ}, expected string or integer")
             files.append(InputFile(file, int(fs.size(file)), _version(fs.info(file)), meta.num_rows, file_schema))
-        dataset = cls(fs, location, files)
+        dataset = cls(fs, location, files, path if not any(c in path for c in "*?[") and fs.isdir(path) else None)
         for column in dict.fromkeys([*([id_column] if id_column else []), *required]):
             if column in dataset.conflicts:
                 raise InputError(describe_conflict(column, dataset.conflicts[column]))
@@ -218,8 +232,20 @@ class Dataset:
         if pending_rows and (wanted is None or index in wanted):
             yield index, _concat(pending)
 
-    def fingerprint(self) -> list[dict]:
-        return [{"path": f.path, "size": f.size, "version": f.version} for f in self.files]
+    def fingerprint(self, content: bool = False) -> list[dict]:
+        """What identifies the input: each file's path, size and version (etag, or mtime for local
+        files); with ``content``, a SHA-256 of its bytes instead of the version, for inputs rewritten
+        in place with size and mtime kept (``cp -p``, ``rsync -t``)."""
+        if not content:
+            return [{"path": f.path, "size": f.size, "version": f.version} for f in self.files]
+        return [{"path": f.path, "size": f.size, "sha256": self._sha256(f)} for f in self.files]
+
+    def _sha256(self, file: InputFile) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(file.path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        return digest.hexdigest()
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

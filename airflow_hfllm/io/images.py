@@ -30,7 +30,9 @@ import contextlib
 import inspect
 import io
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -328,22 +330,32 @@ class ImageLoader:
 
     def _read_fs(self, source: ImageSource) -> bytes:
         if source.kind == "local":
-            import os
-
-            path = os.path.expanduser(source.value)
-            if os.path.isdir(path):
-                raise IsADirectoryError
-            with open(path, "rb") as f:
-                return f.read(self.max_bytes + 1)
+            return self._read_local(os.path.expanduser(source.value))
         if self._fs_handles(source):
             fs, path = self.fs, self.fs._strip_protocol(source.value)
         else:
             import fsspec.core
 
             fs, path = fsspec.core.url_to_fs(source.value)
-        if fs.isdir(path):
+        kind = fs.info(path).get("type")
+        if kind == "directory":
             raise IsADirectoryError
+        if kind not in ("file", None):
+            raise ImageError(f"image path is not a regular file ({kind})")
         with fs.open(path, "rb") as f:
+            return f.read(self.max_bytes + 1)
+
+    def _read_local(self, path: str) -> bytes:
+        # Non-blocking open, then fstat: a FIFO (or a device) named in the manifest would otherwise
+        # block the read forever; checking the path before opening it would race with a swap.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise ImageError("image path is not a regular file (a FIFO, socket or device)")
+            os.set_blocking(fd, True)
             return f.read(self.max_bytes + 1)
 
     def _read_http(self, url: str) -> bytes:

@@ -8,25 +8,62 @@ Layout (every name a reader must skip starts with ``_``)::
     _attempts/attempt-*.json     one per attempt (start, finish, what it wrote)
     _manifest.json               written last
 
-A part counts as done only when its commit record carries the current fingerprint. Locally a part is
-written under a temporary ``_tmp-*.tmp`` name (which no ``*.parquet`` glob matches) and renamed into
-place, and the next attempt removes what a killed writer left; object stores have no rename, but a
-PUT is atomic and the commit record still comes after it.
+A part counts as done only when its commit record carries the current fingerprint and the part still
+has the size and SHA-256 its record says (a part truncated or rewritten afterwards is redone). Locally
+a part is written under a temporary ``_tmp-*.tmp`` name (which no ``*.parquet`` glob matches),
+fsynced, and renamed into place, and the next attempt removes what a killed writer left; object stores
+have no rename, but a PUT is atomic and the commit record still comes after it.
+
+Anything else in the folder is another tool's (a Spark ``part-00000-c000.snappy.parquet``, notes): a
+reader of the folder would mix it with our rows, so a job refuses such a folder unless told to remove
+those files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import posixpath
 import re
+import socket
+import time
 import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from airflow_hfllm.io.dataset import InputError
+
+
+PART = re.compile(r"part-(\d{5})\.parquet")
+# What a job writes at the top of its folder; everything else is foreign.
+OURS = re.compile(r"part-\d{5}\.parquet|_commits|_attempts|_shards|_job\.json|_manifest\.json|_tmp-.*")
+
+
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+TEMP = re.compile(r"_tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # this process is between attempts: its earlier writes were cut short
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+class ForeignFiles(InputError):
+    """The output folder holds files this package did not write."""
 
 
 class OutputDir:
@@ -53,25 +90,30 @@ class OutputDir:
             return json.loads(f.read())
 
     def write_json(self, name: str, obj: dict) -> None:
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-        self._write_atomic(self.join(name), lambda f: f.write(data))
+        self._write_atomic(self.join(name), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
-    def _write_atomic(self, final: str, write) -> None:
+    def _write_atomic(self, final: str, data: bytes) -> None:
         parent = posixpath.dirname(final)
         self.fs.makedirs(parent, exist_ok=True)
         if not self.can_rename:
             with self.fs.open(final, "wb") as f:
-                write(f)
+                f.write(data)
             return
         # Ends in .tmp: a reader's ``*.parquet`` glob must not count a killed writer's leftover twice.
-        tmp = posixpath.join(parent, f"_tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}.tmp")
+        # Names its writer (host, pid), so another attempt removes it only once that writer is dead.
+        tmp = posixpath.join(parent, f"_tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{posixpath.basename(final)}.tmp")
         try:
-            with self.fs.open(tmp, "wb") as f:
-                write(f)
-            self.fs.mv(tmp, final)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                # On the disk before the rename makes it visible: after a power loss a renamed part
+                # is whole, never empty.
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(parent)
         finally:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     # -- parts ---------------------------------------------------------------------------------
     def commits(self) -> dict[int, dict]:
@@ -82,17 +124,60 @@ class OutputDir:
         out = {}
         for path in self.fs.ls(folder, detail=False):
             name = posixpath.basename(path)
-            if name.startswith("part-") and name.endswith(".json"):
+            if re.fullmatch(r"part-\d{5}\.json", name):
                 with self.fs.open(path, "rb") as f:
                     out[int(name[5:10])] = json.loads(f.read())
         return out
 
     def part_indices(self) -> set[int]:
-        return {int(posixpath.basename(p)[5:10]) for p in self.fs.glob(self.join("part-*.parquet"))}
+        return {int(m.group(1)) for p in self.fs.glob(self.join("part-*.parquet"))
+                if (m := PART.fullmatch(posixpath.basename(p)))}
 
-    def write_part(self, index: int, table: pa.Table, record: dict) -> None:
-        self._write_atomic(self.join(part_name(index)), lambda f: pq.write_table(table, f))
+    def write_part(self, index: int, table: pa.Table, record: dict) -> dict:
+        """Write the part, then its commit record (``record`` plus the part's size and SHA-256)."""
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        data = buffer.getvalue()
+        record = {**record, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._write_atomic(self.join(part_name(index)), data)
         self.write_json(f"_commits/part-{index:05d}.json", record)
+        return record
+
+    def intact(self, index: int, record: dict) -> bool:
+        """The part is there with the size and checksum its commit record says (records written
+        before checksums were kept: there at all)."""
+        path = self.join(part_name(index))
+        if not self.fs.exists(path):
+            return False
+        if "sha256" not in record:
+            return True
+        if self.fs.size(path) != record["bytes"]:
+            return False
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        return digest.hexdigest() == record["sha256"]
+
+    def foreign(self) -> list[str]:
+        """Names at the top of the folder that no job of ours writes."""
+        if not self.fs.exists(self.path):  # an object-store prefix before its first object
+            return []
+        return sorted(name for path in self.fs.ls(self.path, detail=False)
+                      if not OURS.fullmatch(name := posixpath.basename(path.rstrip("/"))))
+
+    def remove_foreign(self, allowed: bool) -> list[str]:
+        """Remove the foreign files when ``allowed``; else refuse with their names."""
+        names = self.foreign()
+        if names and not allowed:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ForeignFiles(
+                f"output {self.uri} holds files this job did not write ({shown}); readers of the folder "
+                "would mix them with its rows: use an empty folder, or replace_foreign_files=True "
+                "(--replace-foreign-files) to delete them")
+        for name in names:
+            self.remove(name)
+        return names
 
     def remove_part(self, index: int) -> None:
         for path in (self.join(part_name(index)), self.join("_commits", f"part-{index:05d}.json")):
@@ -104,13 +189,24 @@ class OutputDir:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def remove_temporaries(self, parts: range | None = None) -> None:
-        """Leftovers of an attempt killed mid-write; with ``parts``, only those of these part indices
-        (other shards may be writing theirs right now)."""
+    def remove_temporaries(self) -> None:
+        """Leftovers of writers killed mid-write: those of dead processes on this host, and from other
+        hosts once they are an hour old. A live writer's (another attempt running now, a shard) stay."""
+        now = time.time()
         for path in self.fs.glob(self.join("_tmp-*")) + self.fs.glob(self.join("_commits", "_tmp-*")):
-            found = re.search(r"part-(\d{5})\.", posixpath.basename(path))
-            if parts is None or (found and int(found.group(1)) in parts):
-                self.fs.rm(path)
+            writer = TEMP.match(posixpath.basename(path))
+            if writer is None or (writer["host"] == HOST and not _alive(int(writer["pid"]))):
+                dead = True
+            else:
+                try:
+                    dead = now - os.path.getmtime(path) > 3600
+                except OSError:  # renamed or removed meanwhile
+                    continue
+            if dead:
+                try:
+                    self.fs.rm(path)
+                except FileNotFoundError:
+                    pass
 
     # -- attempts ------------------------------------------------------------------------------
     def attempts(self) -> list[dict]:
@@ -123,3 +219,17 @@ class OutputDir:
                 with self.fs.open(path, "rb") as f:
                     records.append(json.loads(f.read()))
         return sorted(records, key=lambda r: r.get("started", ""))
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

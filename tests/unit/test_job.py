@@ -64,7 +64,7 @@ def test_bad_rows_get_errors_and_others_still_run(tiny_lm, tmp_path):
     out = read(tmp_path)
     assert out.loc[3, "error"] == "prompt is null"
     assert out.loc[5, "error"] == "prompt is empty"
-    assert "tokens, over the limit of 2036" in out.loc[7, "error"]
+    assert "tokens, over the limit of 2047 (the model's context of 2048 less one new token)" in out.loc[7, "error"]
     assert out.loc[[3, 5, 7], "finish_reason"].tolist() == ["error"] * 3
     assert out.loc[[3, 5, 7], "output"].isna().all()
     good = out.drop(index=[3, 5, 7])
@@ -166,9 +166,11 @@ def test_prompt_template_messages_and_system_prompt(tiny_lm, tmp_path):
 
 def test_template_error_is_a_row_error(tiny_lm, tmp_path):
     (tmp_path / "in").mkdir()
-    pd.DataFrame({"id": [1], "text": ["x"]}).to_parquet(tmp_path / "in" / "t.parquet", index=False)
-    job(tiny_lm, tmp_path, prompt_column=None, prompt_template="{{ row.missing }}", max_error_rate=1).run()
-    assert read(tmp_path).error[0].startswith("prompt_template failed:")
+    pd.DataFrame({"id": [1, 2], "text": ["x", None]}).to_parquet(tmp_path / "in" / "t.parquet", index=False)
+    # Fine for the first row, fails on the second (None + str): a row error, not the job's.
+    job(tiny_lm, tmp_path, prompt_column=None, prompt_template="{{ row.text + '!' }}", max_error_rate=1).run()
+    out = read(tmp_path)
+    assert pd.isna(out.error[0]) and out.error[1].startswith("prompt_template failed:")
 
 
 def test_per_row_max_new_tokens_column(tiny_lm, tmp_path):

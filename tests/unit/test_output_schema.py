@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_hfllm.io.dataset import Dataset, InputError
-from airflow_hfllm.io.parts import OutputDir
 from airflow_hfllm.jobs import TextJob
 from tests.conftest import prompt_text
 from tests.unit.test_job import job
@@ -96,19 +95,16 @@ def test_temporary_files_match_no_parquet_glob_and_the_next_attempt_removes_them
     class Killed(BaseException):
         pass
 
-    def killed(*args, **kwargs):
-        raise Killed("killed between write and rename")
+    replace = os.replace
 
-    write_atomic = OutputDir._write_atomic
-
-    def dies_before_rename(self, final, write):
+    def dies_before_rename(src, dst):
         # A writer killed between write and rename: the part's bytes are in the temporary file only.
-        if final.endswith("part-00001.parquet"):
-            monkeypatch.setattr(self.fs, "mv", killed)
-            monkeypatch.setattr(self.fs, "rm", lambda *a, **k: None)
-        return write_atomic(self, final, write)
+        if dst.endswith("part-00001.parquet"):
+            monkeypatch.setattr(os.path, "exists", lambda p: False)  # and no cleanup ran
+            raise Killed("killed between write and rename")
+        return replace(src, dst)
 
-    monkeypatch.setattr(OutputDir, "_write_atomic", dies_before_rename)
+    monkeypatch.setattr(os, "replace", dies_before_rename)
     with pytest.raises(Killed):
         job(tiny_lm, tmp_path, chunk_rows=2).run()
     monkeypatch.undo()

@@ -511,3 +511,13 @@ def test_cli_vision_prints_manifest_and_logs_no_text_or_paths(tiny_vl, tmp_path)
     assert manifest["model"]["task"] == "vision" and manifest["vision"]["min_pixels"] == SMALL["min_pixels"]
     assert "PIL implementation" in done.stderr and "built from image processor + tokenizer" in done.stderr
     assert "private question" not in done.stderr and "secret-images" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_or_device_named_as_an_image_is_a_row_error_not_a_hang(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # nobody ever writes to it: a blocking open or read would wait forever
+    loader = ImageLoader()
+    for ref in (str(fifo), f"file://{fifo}", "/dev/zero"):
+        with pytest.raises(ImageError, match="not a regular file"):
+            loader.read(parse_cell(ref)[0])
