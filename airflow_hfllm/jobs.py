@@ -49,10 +49,15 @@ from airflow_hfllm.io.manifest import OUTPUT_COLUMNS, add_counts, count, fingerp
 from airflow_hfllm.io.parts import OutputDir, part_name
 from airflow_hfllm.safety import SafetyChecker, judge, make_checker
 
-__all__ = ["Cancelled", "ErrorRateExceeded", "InputError", "Job", "TextJob", "VisionJob"]
+__all__ = ["Cancelled", "ErrorRateExceeded", "InputError", "Job", "Superseded", "TextJob", "VisionJob"]
 
 FORMAT_VERSION = 1
 log = logging.getLogger("airflow_hfllm")
+
+
+class Superseded(RuntimeError):
+    """Another job (or another attempt that drew another seed) took the output folder over while this
+    attempt ran: it stops, and what it wrote after losing the folder is removed."""
 
 
 class ErrorRateExceeded(RuntimeError):
@@ -90,6 +95,11 @@ def python_rows(table: pa.Table) -> tuple[list[dict], dict[int, str]]:
                     bad.setdefault(i, f"column {name!r} holds a string that is not valid UTF-8")
             columns[name] = values
     return [dict(zip(columns, values)) for values in zip(*columns.values())], bad
+
+
+def _committed_by(record: dict, fp: str, seed: int) -> bool:
+    """Written by this job (records from before seeds were recorded: by fingerprint alone)."""
+    return record.get("fingerprint") == fp and record.get("seed", seed) == seed
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -294,6 +304,17 @@ class Job:
         self.prompts.check_input(dataset)
         return dataset
 
+    @property
+    def _state_name(self) -> str:
+        return "_job.json" if self.shard is None else f"_shards/shard-{self.shard['index']:05d}.job.json"
+
+    def _check_owner(self, out: OutputDir, fp: str, seed: int) -> None:
+        """Raise :class:`Superseded` unless the folder's job state is still this job's."""
+        state = out.read_json(self._state_name) or {}
+        if (state.get("fingerprint"), state.get("seed")) != (fp, seed):
+            raise Superseded(f"output {out.uri} was taken over by another job ({self._state_name} now says "
+                             f"fingerprint {state.get('fingerprint')}) while this attempt ran: it stops here")
+
     def _fingerprint(self, dataset: Dataset, seed) -> str:
         described = {
             "format": FORMAT_VERSION,
@@ -327,8 +348,11 @@ class Job:
         if seed is None and self.shard is not None and self.shard.get("seed") is not None:
             seed = self.shard["seed"]  # drawn once by the planner, shared by all shards
         fp = self._fingerprint(dataset, seed if seed is not None else "auto")
-        state_name = "_job.json" if self.shard is None else f"_shards/shard-{self.shard['index']:05d}.job.json"
-        state = out.read_json(state_name)
+        fresh = {"fingerprint": fp, "seed": random.SystemRandom().randrange(2**31) if seed is None else seed}
+        state = out.read_json(self._state_name)
+        # Two writers starting together: one creates the state, the other takes its seed.
+        if state is None and not out.create_json(self._state_name, fresh):
+            state = out.read_json(self._state_name)
         if state and state.get("fingerprint") == fp:
             seed = state["seed"]
         else:
@@ -337,16 +361,15 @@ class Job:
                 out.remove("_manifest.json")
                 if self.shard is None:
                     out.remove("_attempts")
-            if seed is None:
-                seed = random.SystemRandom().randrange(2**31)
-            out.write_json(state_name, {"fingerprint": fp, "seed": seed})
+                out.write_json(self._state_name, fresh)
+            seed = fresh["seed"]
         mine = self._chunks(dataset)
         out.remove_temporaries()
         done = {}
         for index, record in out.commits().items():
             if self.shard is not None and index not in mine:
                 continue
-            if index in mine and record.get("fingerprint") == fp and out.intact(index, record):
+            if index in mine and _committed_by(record, fp, seed) and out.intact(index, record):
                 done[index] = record
             else:
                 if record.get("fingerprint") == fp:
@@ -391,6 +414,7 @@ class Job:
         this_attempt = dict.fromkeys(("rows", "output_tokens"), 0)
         gen_seconds = 0.0
         if todo:
+            out.remove("_manifest.json")  # it describes parts about to be rewritten
             t_load = time.monotonic()
             loaded = self._load()
             sizes = dataset.chunk_sizes(self.chunk_rows)
@@ -409,8 +433,18 @@ class Job:
             def commit(index: int, part: pa.Table) -> None:
                 counts = count(part.column("finish_reason").to_pylist(), part.column("prompt_tokens").to_pylist(),
                                part.column("output_tokens").to_pylist())
-                record = {"fingerprint": fp, "part": part_name(index), "counts": counts, "written": _now()}
-                done[index] = record = out.write_part(index, part, record)
+                record = {"fingerprint": fp, "seed": seed, "part": part_name(index), "counts": counts,
+                          "written": _now()}
+                # An attempt frozen (SIGSTOP, a paused VM) while a newer job rebuilt the folder must not
+                # write over it; checked again after the write, since the first check races with it.
+                self._check_owner(out, fp, seed)
+                record = out.write_part(index, part, record)
+                try:
+                    self._check_owner(out, fp, seed)
+                except Superseded:
+                    out.withdraw(index, record)
+                    raise
+                done[index] = record
                 attempt["parts_written"].append(index)
                 this_attempt["rows"] += counts["rows"]
                 this_attempt["output_tokens"] += counts["output_tokens"]
@@ -436,10 +470,13 @@ class Job:
 
         attempt.update(finished=_now(), seconds=round(time.monotonic() - t0, 3), **this_attempt)
         out.write_json(attempt_name, attempt)
+        self._check_owner(out, fp, seed)
+        done = self._committed(out, mine, fp, seed, done)
         totals = add_counts(done[k] for k in sorted(done))
         manifest = {
             "output": out.uri,
             "parts": [part_name(k) for k in sorted(done)],
+            "checksums": {part_name(k): done[k].get("sha256") for k in sorted(done)},
             "counts": totals,
             "tokens": {"prompt": totals["prompt_tokens"], "output": totals["output_tokens"]},
             "seconds": round(time.monotonic() - t0, 3),
@@ -479,6 +516,16 @@ class Job:
                 f"{totals['errors']} of {totals['rows']} rows ended in error, over max_error_rate="
                 f"{self.max_error_rate}; see the 'error' column in {out.uri}", manifest)
         return manifest
+
+    def _committed(self, out: OutputDir, mine: range, fp: str, seed: int, done: dict[int, dict]) -> dict[int, dict]:
+        """This job's parts as the folder holds them now, for the manifest: a part another writer
+        committed over since (a concurrent attempt that drew another seed) fails the attempt."""
+        records = {k: r for k, r in out.commits().items() if k in mine and _committed_by(r, fp, seed)}
+        lost = sorted(set(done) - set(records))
+        if lost:
+            raise Superseded(f"output {out.uri}: parts {lost[:10]} were committed over by another writer while this "
+                             "attempt ran; the next attempt redoes them")
+        return records
 
     def _row_columns(self, dataset: Dataset) -> list[str]:
         if self.prompt_template:  # the template may read any column
@@ -737,6 +784,16 @@ class VisionJob(Job):
         if problem:
             raise InputError(f"{dataset.files[0].path}: column {self.image_column!r} {problem}")
         return dataset
+
+    def _committed(self, out: OutputDir, mine: range, fp: str, seed: int, done: dict[int, dict]) -> dict[int, dict]:
+        """This job's parts as the folder holds them now, for the manifest: a part another writer
+        committed over since (a concurrent attempt that drew another seed) fails the attempt."""
+        records = {k: r for k, r in out.commits().items() if k in mine and _committed_by(r, fp, seed)}
+        lost = sorted(set(done) - set(records))
+        if lost:
+            raise Superseded(f"output {out.uri}: parts {lost[:10]} were committed over by another writer while this "
+                             "attempt ran; the next attempt redoes them")
+        return records
 
     def _row_columns(self, dataset: Dataset) -> list[str]:
         return list(dict.fromkeys([*super()._row_columns(dataset), self.image_column]))

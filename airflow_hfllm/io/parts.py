@@ -92,6 +92,39 @@ class OutputDir:
     def write_json(self, name: str, obj: dict) -> None:
         self._write_atomic(self.join(name), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
+    def create_json(self, name: str, obj: dict) -> bool:
+        """Write ``name`` unless it exists; False when it does (another writer was first). Exclusive
+        on local folders (a hard link fails on an existing name); on object stores a check before
+        the PUT, which two writers in the same instant can both pass."""
+        final = self.join(name)
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        if not self.can_rename:
+            if self.fs.exists(final):
+                return False
+            self._write_atomic(final, data)
+            return True
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = self._temporary(final)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            _fsync_dir(posixpath.dirname(final))
+            return True
+        finally:
+            os.remove(tmp)
+
+    def _temporary(self, final: str) -> str:
+        # Ends in .tmp: a reader's ``*.parquet`` glob must not count a killed writer's leftover twice.
+        # Names its writer (host, pid), so another attempt removes it only once that writer is dead.
+        return posixpath.join(posixpath.dirname(final),
+                              f"_tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{posixpath.basename(final)}.tmp")
+
     def _write_atomic(self, final: str, data: bytes) -> None:
         parent = posixpath.dirname(final)
         self.fs.makedirs(parent, exist_ok=True)
@@ -99,9 +132,7 @@ class OutputDir:
             with self.fs.open(final, "wb") as f:
                 f.write(data)
             return
-        # Ends in .tmp: a reader's ``*.parquet`` glob must not count a killed writer's leftover twice.
-        # Names its writer (host, pid), so another attempt removes it only once that writer is dead.
-        tmp = posixpath.join(parent, f"_tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{posixpath.basename(final)}.tmp")
+        tmp = self._temporary(final)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -183,6 +214,11 @@ class OutputDir:
         for path in (self.join(part_name(index)), self.join("_commits", f"part-{index:05d}.json")):
             if self.fs.exists(path):
                 self.fs.rm(path)
+
+    def withdraw(self, index: int, record: dict) -> None:
+        """Remove a part this writer committed, unless another writer has committed over it since."""
+        if self.commits().get(index, {}).get("sha256") == record["sha256"]:
+            self.remove_part(index)
 
     def remove(self, name: str) -> None:
         path = self.join(name)

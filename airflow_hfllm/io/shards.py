@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from datetime import datetime, timezone
 
 from airflow_hfllm.io.dataset import Dataset
@@ -25,13 +26,15 @@ def plan_shards(dataset: Dataset, chunk_rows: int, shards: int, seed: int | None
     rows = dataset.chunk_sizes(chunk_rows)
     n = len(rows)
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    # Names this run's shards, so the merge tells them from an earlier run's (another shard count).
+    plan_id = uuid.uuid4().hex[:12]
     plan, first, taken = [], 0, 0
     for k in range(n):
         taken += rows[k]
         # close this shard once it holds its share of the rows (the last one takes the rest)
         if taken * shards >= dataset.rows * (len(plan) + 1) or k == n - 1:
             plan.append({"index": len(plan), "first_chunk": first, "end_chunk": k + 1,
-                         "rows": sum(rows[first:k + 1]), "seed": seed})
+                         "rows": sum(rows[first:k + 1]), "seed": seed, "plan": plan_id})
             first = k + 1
     return plan
 
@@ -45,6 +48,11 @@ def merge_shards(out: OutputDir) -> dict:
                 summaries.append(json.loads(f.read()))
     if not summaries:
         raise RuntimeError(f"no shard summaries in {out.uri}/_shards: did the shards run?")
+    # The latest summary's plan is the run being merged; an earlier run's summaries (of more shards,
+    # or over another input) are stale, and so are parts past this input's last chunk.
+    plan = max(summaries, key=lambda s: s["finished"])["shard"].get("plan")
+    stale = [s for s in summaries if s["shard"].get("plan") != plan]
+    summaries = [s for s in summaries if s["shard"].get("plan") == plan]
     fingerprints = {s["fingerprint"] for s in summaries}
     if len(fingerprints) != 1:
         raise RuntimeError(f"shards of {out.uri} ran different jobs (fingerprints {sorted(fingerprints)})")
@@ -57,6 +65,12 @@ def merge_shards(out: OutputDir) -> dict:
     if missing:
         raise RuntimeError(f"{out.uri}: parts missing for chunks {missing[:10]}"
                            f"{' and more' if len(missing) > 10 else ''}: a shard has not finished")
+    for s in stale:  # indices this plan has not (each index has one summary file, its latest)
+        out.remove(f"_shards/shard-{s['shard']['index']:05d}.json")
+        out.remove(f"_shards/shard-{s['shard']['index']:05d}.job.json")
+    for index in sorted(out.part_indices() | set(commits)):
+        if index not in chunks:
+            out.remove_part(index)
     totals = add_counts(commits[k] for k in chunks)
     seconds = max(s["seconds"] for s in summaries)
     manifest = {
