@@ -107,6 +107,12 @@ def _common_arguments(p, job_class) -> None:
                    help="seconds between progress lines")
     p.add_argument("--engine", choices=("auto", "fast", "batched"), default=_default(job_class, "engine"),
                    help="auto: the fast engine on a GPU when the model allows, else batched generate()")
+    p.add_argument("--input-fingerprint", choices=("metadata", "content"),
+                   default=_default(job_class, "input_fingerprint"),
+                   help="how a changed input is noticed: metadata (size and etag/mtime) or content (a SHA-256 "
+                        "of every input file, read each run: for files rewritten with size and mtime kept)")
+    p.add_argument("--replace-foreign-files", action="store_true",
+                   help="delete files in the output folder that hfllm did not write (default: refuse the folder)")
 
 
 def _parsers(sub) -> None:
@@ -165,6 +171,8 @@ def run_job(args) -> int:
         hub=hub,
         progress_every=args.progress_every,
         engine=args.engine,
+        input_fingerprint=args.input_fingerprint,
+        replace_foreign_files=args.replace_foreign_files,
     )
     model = dict(revision=args.revision, dtype=args.dtype, quantization=args.quantization,
                  trust_remote_code=args.trust_remote_code)

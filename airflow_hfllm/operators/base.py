@@ -72,6 +72,11 @@ class HFGenerateBaseOperator(BaseOperator):
     :param progress_every: seconds between progress lines in the task log.
     :param engine: ``auto`` (the fast engine on a GPU when the model allows: continuous batching, static
         KV cache, CUDA-graph decode; else padded ``generate()`` batches), ``fast`` or ``batched``.
+    :param input_fingerprint: ``metadata`` (each input file's size and etag or mtime) or ``content``
+        (a SHA-256 of every input file, read on each run: notices files rewritten in place with size and
+        mtime kept, as ``cp -p`` and ``rsync -t`` do).
+    :param replace_foreign_files: delete files in the output folder that this package did not write
+        (off: such a folder is refused, since its readers would mix those files with the rows).
     :param shard: one entry of :class:`~airflow_hfllm.operators.shards.HFShardPlanOperator`'s plan (use
         ``.expand_kwargs(plan.output)``): this task then generates its own chunks only and writes a
         shard summary; :class:`~airflow_hfllm.operators.shards.HFMergeShardsOperator` writes the manifest.
@@ -123,6 +128,8 @@ class HFGenerateBaseOperator(BaseOperator):
         max_error_rate: float = 0.05,
         progress_every: float = 5.0,
         engine: str = "auto",
+        input_fingerprint: str = "metadata",
+        replace_foreign_files: bool = False,
         shard: dict | None = None,
         output_asset: Any = None,
         **kwargs,
@@ -168,6 +175,8 @@ class HFGenerateBaseOperator(BaseOperator):
         self.max_error_rate = max_error_rate
         self.progress_every = progress_every
         self.engine = engine
+        self.input_fingerprint = input_fingerprint
+        self.replace_foreign_files = replace_foreign_files
         self.shard = shard
         self.output_asset = output_asset
         self._job = None
@@ -228,6 +237,8 @@ class HFGenerateBaseOperator(BaseOperator):
             logger=self.log,
             progress_every=self.progress_every,
             engine=self.engine,
+            input_fingerprint=self.input_fingerprint,
+            replace_foreign_files=self.replace_foreign_files,
             shard=self.shard,
         )
 

@@ -128,3 +128,19 @@ def test_output_that_is_a_file_is_named(tiny_lm, tmp_path):
     done = hfllm("text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"hfllm: error: output {tmp_path / 'out'} is a file, not a folder"
+
+
+def test_foreign_files_in_the_output_refused_then_replaced_on_request(tiny_lm, tmp_path):
+    write_prompts(tmp_path / "in.parquet", 2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("someone's notes")
+    args = ["text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+            "--max-new-tokens", "2", "--input-fingerprint", "content"]
+    done = hfllm(*args)
+    assert done.returncode == 2
+    assert "holds files this job did not write (notes.txt)" in done.stderr.strip().splitlines()[-1]
+    assert hfllm(*args, "--replace-foreign-files").returncode == 0
+    assert not (tmp_path / "out" / "notes.txt").exists()
+    by_content = json.loads((tmp_path / "out" / "_manifest.json").read_text())["fingerprint"]
+    assert hfllm(*args[:-2], "--input-fingerprint", "metadata").returncode == 0  # another job: rebuilt
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["fingerprint"] != by_content
