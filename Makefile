@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 
 TORCH := torch==2.13.0
 
+# The torch pin goes with the package install too: without it, pip (26.3, seen 2026-12-02) replaced
+# the CPU build with the newest CUDA build and ~5 GB of nvidia packages while resolving `torch>=2.6`.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	# The pin again: without it, pip (26.3, seen 2026-12-02) replaced the CPU build with the newest
-	# CUDA build and ~5 GB of nvidia packages while installing the package's own `torch>=2.6`.
 	$(PY) -m pip install -q -e '.[dev]' $(TORCH)
 	touch $(STAMP)
 
