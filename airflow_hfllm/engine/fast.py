@@ -11,6 +11,12 @@ counter-based hash as its random source: row r's token at step t depends on (see
 a row's sample does not depend on what it was batched with, and no host sync is needed per step.
 The host syncs once per graph replay to harvest finished rows and admit new ones.
 
+CUDA out of memory (the KV cache, a prefill group, a graph capture) does not end the job: the rows in slots
+go back to the waiting window (they restart from their prompt with the same samples, which depend on
+seed, row id and step only), the state is rebuilt with half the slots (and, after a prefill, half the
+prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A row that does not fit in one
+slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the memory it needs.
+
 The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache.
 Supported: Llama/Qwen2/Mistral-style decoders, unquantized, adapters merged. Anything else takes the
 batched ``generate()`` path (``engine/generate.py``), and the job logs why.
@@ -177,11 +183,14 @@ class FastEngine:
         self.capture_seconds = 0.0
         self.prefill_seconds = 0.0
         self.steps = 0
+        self.oom_splits = 0  # times the slots were halved after CUDA ran out of memory
+        self.oom_errors = 0  # rows that ran out of memory alone in one slot (they end in error)
         self.per_row_seeds = True
         self._shape = None  # (slots, max_len) of the allocated state
         self._graph = None
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self._early: list[tuple[Any, Completion]] = []  # rows that end before taking a slot (vision: bad image)
+        self._block: dict[int, int] = {}  # see stream()
 
     # -- sizing ------------------------------------------------------------------------------------
     def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
@@ -390,7 +399,10 @@ class FastEngine:
         """``(tag, completion)`` as rows finish, for ``(tag, request, key)`` items pulled lazily.
 
         Rows join free slots as others leave, across whatever boundaries the caller has (input chunks),
-        so the batch stays full. Up to ``lookahead`` items wait in a window, admitted longest first. A
+        so the batch stays full. Up to ``lookahead`` items wait in a window, admitted longest first within
+        each block of ``lookahead`` items in arrival order: a row waits for its own block and those before
+        it only, so the caller's chunks finish in order (otherwise the short rows of every chunk would
+        wait behind longer rows arriving later, and no chunk could be written before the stream's end). A
         row longer than the KV cache waits until the running rows drain, then the cache is re-planned.
         """
         import torch
@@ -399,15 +411,19 @@ class FastEngine:
         seed = 0 if seed is None else seed
         window: list[tuple[Any, Request, Any]] = []
         exhausted = False
+        arrived = 0
+        self._block = {}  # id(item) -> its arrival block, while it waits
 
         def pull(n: int) -> None:
-            nonlocal exhausted
+            nonlocal exhausted, arrived
             while not exhausted and len(window) < n:
                 item = next(items, None)
                 if item is None:
                     exhausted = True
                 else:
                     window.append(item)
+                    self._block[id(item)] = arrived // lookahead
+                    arrived += 1
                     self._enqueue(item)
 
         pull(lookahead)
@@ -423,17 +439,75 @@ class FastEngine:
                     if not window:
                         return
                     if not owner or not any(self._fits(r) for _, r, _ in window):
-                        self._allocate(*self._plan([r for _, r, _ in window]))
+                        plan = self._plan([r for _, r, _ in window])
+                        if not self._in_memory(self._allocate, *plan):
+                            owner = self._out_of_memory("allocating the KV cache", plan, owner, window)
+                            continue
                         owner = [None] * self._shape[0]
                         self.done.fill_(True)
-                self._admit_waiting(window, owner, seed)
+                if not self._in_memory(self._admit_waiting, window, owner, seed):
+                    owner = self._out_of_memory("prefill", self._shape, owner, window, prefill=True)
+                    pull(lookahead)
+                    continue
                 yield from self._take_early()
                 if not any(o is not None for o in owner):  # every admitted row ended early (vision: bad images)
                     pull(max(lookahead, 2 * len(owner)))
                     continue
-                self._run_steps()
+                if not self._in_memory(self._run_steps):
+                    owner = self._out_of_memory("decode", self._shape, owner, window)
+                    pull(lookahead)
+                    continue
                 yield from self._harvest(owner)
                 pull(max(lookahead, 2 * len(owner)))
+
+    @staticmethod
+    def _in_memory(fn, *args) -> bool:
+        """``fn(*args)``; False when CUDA ran out of memory. The error ends here, before anything is freed or
+        retried: while it is handled, its traceback holds the failed call's frames and their tensors."""
+        import torch
+
+        try:
+            fn(*args)
+        except torch.OutOfMemoryError:
+            return False
+        return True
+
+    def _out_of_memory(self, where: str, plan: tuple[int, int], owner: list, window: list,
+                       prefill: bool = False) -> list:
+        """After CUDA ran out of memory ``where`` with ``plan`` = (slots, max_len): the rows in slots go back
+        to ``window`` and the state is released, to be rebuilt with half the slots (after a prefill, half
+        the prefill group too). One slot: its row ends in error; a KV cache of one slot that does not fit
+        raises. Returns the new (empty) slot owners."""
+        slots, max_len = plan
+        running = [o for o in owner if o is not None]
+        self._release()
+        if slots <= 1:
+            if not running:
+                import torch
+
+                need = max_len * kv_bytes_per_token(self.model, self.dtype)
+                free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+                raise RuntimeError(
+                    f"out of GPU memory for the fast engine's KV cache even with one slot: {max_len} tokens need "
+                    f"{need / 2**20:.0f} MiB ({free / 2**20:.0f} MiB free on {self.device}); give the rows fewer "
+                    f"max_new_tokens or shorter prompts (max_prompt_tokens), or run on a GPU with more memory")
+            for tag, request, _ in running:
+                self.oom_errors += 1
+                tokens = len(request.input_ids) + request.max_new_tokens
+                log.warning("one row does not fit in GPU memory (%d tokens in one slot); marked as error", tokens)
+                self._early.append((tag, Completion(None, 0, "error", f"out of GPU memory for {tokens} tokens")))
+            return []
+        self.oom_splits += 1
+        self.max_slots = slots // 2
+        if prefill:
+            self.prefill_tokens = max(1, self.prefill_tokens // 2)
+        for item in running:  # they restart from their prompt: the same tokens, their samples are keyed
+            window.append(item)
+            self._enqueue(item)
+        log.warning("CUDA out of memory in %s with %d slots: %d running rows go back to the queue; continuing "
+                    "with %d slots, prefill groups of up to %d tokens (batch_size=%d would start there)",
+                    where, slots, len(running), self.max_slots, self.prefill_tokens, self.max_slots)
+        return []
 
     def _enqueue(self, item: tuple[Any, Request, Any]) -> None:
         """Called as an item enters the window (the vision engine starts decoding its images)."""
@@ -457,13 +531,17 @@ class FastEngine:
                 owner[slot] = item
             admitted = {id(item) for item in group}
             window[:] = [x for x in window if id(x) not in admitted]
+            for item in group:  # requeued after an out-of-memory error, it goes first (block 0)
+                self._block.pop(id(item), None)
             self._admit([r for _, r, _ in group], taken, [row_seed(seed, key) for _, _, key in group])
 
     def _next_group(self, window: list, free: int) -> list:
-        """The next prefill group: the longest waiting prompts that fit, within ``prefill_tokens``. Rows
-        that :meth:`_row_ready` drops (vision: an image that failed) leave the window meanwhile."""
+        """The next prefill group: the longest waiting prompts that fit, of the oldest arrival block, within
+        ``prefill_tokens``. Rows that :meth:`_row_ready` drops (vision: an image that failed) leave the
+        window meanwhile."""
         while True:
-            ready = sorted((x for x in window if self._fits(x[1])), key=lambda x: -len(x[1].input_ids))[:free]
+            ready = sorted((x for x in window if self._fits(x[1])),
+                           key=lambda x: (self._block.get(id(x), 0), -len(x[1].input_ids)))[:free]
             group, width = [], 0
             for item in ready:
                 if not self._row_ready(item, window):
@@ -484,7 +562,8 @@ class FastEngine:
     def stats(self) -> dict:
         """Where the time went (host-side seconds), for the manifest."""
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
-                "decode_steps": self.steps, "slots": self._shape[0] if self._shape else None}
+                "decode_steps": self.steps, "slots": self._shape[0] if self._shape else None,
+                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors}
 
     def _padded_ids(self, group: list[Request]):
         """The group's prompt ids [n, W], right-padded, on the device."""

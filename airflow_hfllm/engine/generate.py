@@ -3,7 +3,8 @@
 Prompts are sorted by length so a batch wastes little padding, batches are sized by a token budget
 (rows x (longest prompt + new tokens)), padded on the left, and each row stops at its own EOS. A CUDA
 out-of-memory error splits the batch in two and retries, shrinking the budget for later batches;
-only a single row that does not fit on its own becomes an ``error`` row. No row is ever dropped.
+only a single row that does not fit on its own becomes an ``error`` row. No row is ever dropped; the
+splits are counted in :meth:`BatchedGenerator.stats` (the manifest's ``engine_stats``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class BatchedGenerator:
         self.on_batch = on_batch or (lambda rows, tokens: None)
         self.eos = eos_ids(loaded)
         self.pad = loaded.tokenizer.pad_token_id
+        self.oom_splits = 0  # batches split in two after CUDA ran out of memory
+        self.oom_errors = 0  # rows that ran out of memory on their own (they end in error)
         if params.num_beams == 1 and params.length_penalty != 1.0:
             log.warning("length_penalty only applies to beam search (num_beams > 1); ignored")
 
@@ -157,16 +160,27 @@ class BatchedGenerator:
         try:
             return self._generate(batch, requests)
         except torch.OutOfMemoryError:
-            free_memory()
-            tokens = len(batch) * max(len(requests[i].input_ids) + requests[i].max_new_tokens for i in batch)
-            if len(batch) == 1:
-                log.warning("one row does not fit in GPU memory (%d tokens); marked as error", tokens)
-                return {batch[0]: Completion(None, 0, "error", f"out of GPU memory for {tokens} tokens")}
-            self.token_budget = max(1, min(self.token_budget, tokens // 2))
-            log.warning("CUDA out of memory on %d rows; splitting the batch, token budget now %d",
-                        len(batch), self.token_budget)
-            half = len(batch) // 2
-            return self._run(batch[:half], requests) | self._run(batch[half:], requests)
+            pass
+        # Retried only here, after the except block: while it runs, the error's traceback holds the failed
+        # call's frames, and with them its tensors (the KV cache generate() had built), so the halves
+        # would run next to that memory and fail in turn.
+        free_memory()
+        tokens = len(batch) * max(len(requests[i].input_ids) + requests[i].max_new_tokens for i in batch)
+        if len(batch) == 1:
+            self.oom_errors += 1
+            log.warning("one row does not fit in GPU memory (%d tokens); marked as error", tokens)
+            return {batch[0]: Completion(None, 0, "error", f"out of GPU memory for {tokens} tokens")}
+        self.oom_splits += 1
+        self.token_budget = max(1, min(self.token_budget, tokens // 2))
+        log.warning("CUDA out of memory on %d rows; splitting the batch, token budget now %d",
+                    len(batch), self.token_budget)
+        half = len(batch) // 2
+        return self._run(batch[:half], requests) | self._run(batch[half:], requests)
+
+    def stats(self) -> dict:
+        """Out-of-memory handling, for the manifest: batches split, rows that did not fit alone, and the
+        token budget batches are now sized by."""
+        return {"oom_splits": self.oom_splits, "oom_errors": self.oom_errors, "token_budget": self.token_budget}
 
     def _generate(self, batch: list[int], requests: Sequence[Request]) -> dict[int, Completion]:
         import torch
