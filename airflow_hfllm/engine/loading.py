@@ -163,6 +163,8 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
 
     hub = hub or HubOptions.from_env()
     started = time.monotonic()
+    # Before the base model, which can take minutes to load: an adapter that will be refused is refused now.
+    adapter = adapter_folder(spec.adapter, hub) if spec.adapter else None
     device, dtype = device_and_dtype(spec)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, **hub.kwargs())
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.model, **common)
@@ -180,8 +182,8 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
         f"{spec.adapter} ({'merged' if spec.merge_adapter else 'not merged'})" if spec.adapter else None, device,
     )
     model = auto_class.from_pretrained(spec.model, **kwargs)
-    if spec.adapter:
-        model = attach_adapter(model, spec, hub)
+    if adapter:
+        model = attach_adapter(model, spec, adapter)
     model.eval()
     model.requires_grad_(False)
     if spec.task == "causal-lm":
@@ -191,8 +193,9 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     return LoadedModel(spec, model, tokenizer, device, dtype, seconds)
 
 
-def attach_adapter(model, spec: ModelSpec, hub: HubOptions):
-    """Load ``spec.adapter`` over ``model`` with PEFT, merged into the weights when ``spec.merge_adapter``.
+def attach_adapter(model, spec: ModelSpec, folder: str):
+    """Load ``spec.adapter``, found in ``folder`` (see :func:`adapter_folder`), over ``model`` with PEFT,
+    merged into the weights when ``spec.merge_adapter``.
 
     :raises ValueError: the adapter was trained on another base model (see :func:`same_model`).
     """
@@ -200,17 +203,50 @@ def attach_adapter(model, spec: ModelSpec, hub: HubOptions):
         from peft import PeftConfig, PeftModel
     except ImportError as exc:
         raise ImportError(f"peft_model needs the peft package (pip install peft): {exc}") from exc
-    config = PeftConfig.from_pretrained(spec.adapter, revision=None, **hub.kwargs())
+    config = PeftConfig.from_pretrained(folder)
     base = config.base_model_name_or_path
     if base and not same_model(base, spec.model):
         raise ValueError(
             f"adapter {spec.adapter} was trained on base model {base!r}, not {spec.model!r}; if {spec.model!r} "
             f"is a copy of that model, set base_model_name_or_path in the adapter's adapter_config.json"
         )
-    model = PeftModel.from_pretrained(model, spec.adapter, **hub.kwargs())
+    # A folder with adapter_model.safetensors, never a hub id: given a hub id, PEFT 0.21 falls back to
+    # adapter_model.bin (a pickle) whenever the safetensors file is missing, and has no option to forbid it.
+    model = PeftModel.from_pretrained(model, folder)
     if spec.merge_adapter:
         model = model.merge_and_unload()
     return model
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_folder(adapter: str, hub: HubOptions) -> str:
+    """The local folder of ``adapter`` (a folder, or a hub id fetched into the HF cache) holding its
+    config and ``adapter_model.safetensors``.
+
+    Safetensors only, as for base models (``use_safetensors=True``): ``adapter_model.bin`` is a pickle,
+    which can run code as it loads, and torch's ``weights_only`` is then the only guard. From the hub
+    only the config and the safetensors file are downloaded, so a ``.bin`` never reaches the machine.
+
+    :raises ValueError: the adapter has no ``adapter_model.safetensors`` (or its folder does not exist).
+    """
+    if os.path.isdir(adapter):
+        folder = adapter
+    elif model_identity(adapter)[0] == "path":
+        raise ValueError(f"adapter folder {adapter} does not exist")
+    else:
+        from huggingface_hub import snapshot_download
+
+        # One snapshot for both files: two hf_hub_download calls could straddle a push to the repo.
+        folder = snapshot_download(adapter, allow_patterns=["adapter_config.json", ADAPTER_WEIGHTS], **hub.kwargs())
+    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
+        pickled = os.path.isfile(os.path.join(folder, "adapter_model.bin"))
+        raise ValueError(
+            f"adapter {adapter} has no {ADAPTER_WEIGHTS}{' (only adapter_model.bin, a pickle)' if pickled else ''}: "
+            f"adapters load from safetensors only, as models do; convert it to safetensors (load it with "
+            f"PEFT where you trust it and save_pretrained(..., safe_serialization=True)) and use that copy")
+    return folder
 
 
 _HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)/snapshots/[^/]+/?$")

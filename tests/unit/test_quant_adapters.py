@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 from airflow_hfllm.engine.cache import ModelCache
 from airflow_hfllm.engine.fast import unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
-from airflow_hfllm.engine.loading import get_model, same_model
+from airflow_hfllm.engine.loading import HubOptions, get_model, same_model
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
 from airflow_hfllm.jobs import TextJob
 from tests.conftest import prompt_text, write_prompts
@@ -200,3 +202,93 @@ def test_cli_with_adapter_over_8bit_model(tiny_lm, adapter, tmp_path):
     assert "MatMul8bitLt" not in done.stderr
     out = pd.read_parquet(tmp_path / "out")
     assert len(out) == 8 and out.output.str.split().str.len().min() >= 6
+
+
+class _Pickled:
+    """Unpickling it makes a folder: the stand-in for what a malicious ``.bin`` would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def pickle_adapter(tiny_lm, tmp_path_factory):
+    """A real LoRA adapter saved the old way: ``adapter_model.bin`` (a pickle), no safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=4, init_lora_weights=False, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    path = tmp_path_factory.mktemp("bin-adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm), config).save_pretrained(
+        path, safe_serialization=False)
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("adapter_model")) == ["adapter_model.bin"]
+    return path
+
+
+def test_adapter_without_safetensors_is_refused(tiny_lm, pickle_adapter, tmp_path, monkeypatch):
+    import transformers
+
+    loads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
+    with pytest.raises(ValueError, match=rf"adapter {re.escape(str(pickle_adapter))} has no "
+                                         r"adapter_model\.safetensors.*convert it to safetensors"):
+        get_model(ModelSpec(tiny_lm, adapter=str(pickle_adapter)), cache=ModelCache())
+    with pytest.raises(ValueError, match=r"adapter folder .*/no-such-adapter does not exist"):
+        get_model(ModelSpec(tiny_lm, adapter=str(tmp_path / "no-such-adapter")), cache=ModelCache())
+    assert loads == []  # refused before the base model loads (minutes, for a large one)
+
+
+def _evil_pickle_adapter(folder, base: str, marker) -> None:
+    import torch
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj"], "base_model_name_or_path": base}))
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _Pickled(marker)},
+               folder / "adapter_model.bin")
+
+
+@pytest.mark.parametrize("where", ["folder", "hub-cache"])
+def test_pickled_adapter_is_never_unpickled(tiny_lm, tmp_path, monkeypatch, where):
+    """torch's ``weights_only`` is the only thing between PEFT and a ``.bin``'s code; with it off (as in
+    older torch and PEFT) the adapter must still be refused before anything is unpickled, from a folder
+    and from the hub (here: a repo in an offline HF cache, where PEFT falls back to ``.bin`` by itself)."""
+    import pickle
+
+    import peft.utils.save_and_load as peft_io
+    import torch
+
+    # The pickle is live: loading it the way an unguarded loader would runs its code.
+    probe = tmp_path / "probe"
+    _evil_pickle_adapter(probe / "adapter", tiny_lm, probe / "ran")
+    torch.load(probe / "adapter" / "adapter_model.bin", weights_only=False)
+    assert (probe / "ran").is_dir()
+    assert pickle.loads(pickle.dumps(_Pickled(probe / "ran-again"))) is None and (probe / "ran-again").is_dir()
+
+    unpickled = []
+
+    def unguarded(*args, **kwargs):
+        unpickled.append(args)
+        return torch.load(*args, **{**kwargs, "weights_only": False})
+
+    monkeypatch.setattr(peft_io, "torch_load", unguarded)
+    marker = tmp_path / "ran"
+    if where == "folder":
+        adapter, hub = tmp_path / "lora", HubOptions(local_files_only=True)
+        _evil_pickle_adapter(adapter, tiny_lm, marker)
+    else:
+        commit = "0" * 40
+        repo = tmp_path / "hub" / "models--acme--lora"
+        _evil_pickle_adapter(repo / "snapshots" / commit, tiny_lm, marker)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        adapter, hub = "acme/lora", HubOptions(cache_dir=str(tmp_path / "hub"), local_files_only=True)
+    with pytest.raises(ValueError, match=rf"adapter {re.escape(str(adapter))} has no adapter_model\.safetensors"):
+        get_model(ModelSpec(tiny_lm, adapter=str(adapter)), hub=hub, cache=ModelCache())
+    assert unpickled == [] and not marker.exists()
