@@ -166,10 +166,18 @@ class PromptBuilder:
 
     @cached_property
     def environment(self):
+        import types
+
         from jinja2 import StrictUndefined
         from jinja2.sandbox import SandboxedEnvironment
 
-        return SandboxedEnvironment(undefined=StrictUndefined)
+        class NoModules(SandboxedEnvironment):
+            # Jinja's sandbox blocks only private attributes; a module reached through a context value
+            # (Airflow's ``macros.uuid`` holds ``os``) would hand a template the whole interpreter.
+            def is_safe_attribute(self, obj, attr, value):
+                return not isinstance(value, types.ModuleType) and super().is_safe_attribute(obj, attr, value)
+
+        return NoModules(undefined=StrictUndefined)
 
     @cached_property
     def _parsed(self):

@@ -160,7 +160,9 @@ class Dataset:
         return sum(f.rows for f in self.files)
 
     def num_chunks(self, chunk_rows: int) -> int:
-        return -(-self.rows // chunk_rows)
+        """At least one: an input without rows still gives one (empty) part, so the output folder has
+        its schema for readers."""
+        return max(1, -(-self.rows // chunk_rows))
 
     def chunk_sizes(self, chunk_rows: int) -> list[int]:
         """Rows in each chunk (the last may be shorter)."""
@@ -185,6 +187,9 @@ class Dataset:
             return pa.table(arrays, names=names).cast(target)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. an int64 id past a uint64's range
             raise InputError(f"{file.path}: cannot read as the input's schema {target}: {exc}") from None
+
+    def _empty(self, columns: Sequence[str]) -> pa.Table:
+        return pa.schema([self.schema.field(n) for n in columns]).empty_table()
 
     def check_ids(self, id_column: str) -> None:
         seen: dict = {}
@@ -229,8 +234,8 @@ class Dataset:
                         yield index, _concat(pending)
                     pending, pending_rows, index = [], 0, index + 1
             offset += file.rows
-        if pending_rows and (wanted is None or index in wanted):
-            yield index, _concat(pending)
+        if (pending_rows or not self.rows) and (wanted is None or index in wanted):
+            yield index, _concat(pending) if pending else self._empty(columns)
 
     def fingerprint(self, content: bool = False) -> list[dict]:
         """What identifies the input: each file's path, size and version (etag, or mtime for local

@@ -58,7 +58,7 @@ def merge_shards(out: OutputDir) -> dict:
         raise RuntimeError(f"shards of {out.uri} ran different jobs (fingerprints {sorted(fingerprints)})")
     fp = fingerprints.pop()
     first = summaries[0]
-    chunks = range(-(-first["input"]["rows"] // first["chunk_rows"]))  # every chunk of the input
+    chunks = range(max(1, -(-first["input"]["rows"] // first["chunk_rows"])))  # as Dataset.num_chunks
     commits = out.commits()
     missing = [k for k in chunks if commits.get(k, {}).get("fingerprint") != fp
                or not out.fs.exists(out.join(part_name(k)))]

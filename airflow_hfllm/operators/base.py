@@ -280,7 +280,10 @@ class HFGenerateBaseOperator(BaseOperator):
             self._manifest = getattr(exc, "manifest", None)
             raise AirflowFailException(str(exc)) from exc
         except Cancelled:
-            # on_kill only sets a flag; free the GPU here, in the thread that owns the model.
+            manifest = None  # on_kill only set a flag: the GPU is freed below
+        if manifest is None:
+            # Outside the except block: its traceback holds run()'s frames, and so the model and the KV
+            # cache, until the block ends. Freed here, in the thread that owns them.
             MODEL_CACHE.clear()
             raise RuntimeError("generation stopped by on_kill; parts written so far are kept for the retry")
         if self.output_asset is not None and self.shard is None:

@@ -146,8 +146,7 @@ def test_killed_job_reruns_to_every_row_exactly_once(short_lm, blocklist, case):
         event(f"engine={case['engine']}, killed={case['kill_when'] if killed else 'no'}")
 
         manifest = job().run()
-        # An input without rows leaves no part, and so no schema for a reader: see the xfail test below.
-        rows = pd.read_parquet(out) if ids else pd.DataFrame({c: [] for c in ("id", "finish_reason", "error")})
+        rows = pd.read_parquet(out)
         assert sorted(rows.id) == sorted(ids)  # every row exactly once
         assert set(rows.finish_reason) <= FINISH
         failed = rows.finish_reason == "error"
@@ -172,10 +171,9 @@ def test_killed_job_reruns_to_every_row_exactly_once(short_lm, blocklist, case):
         assert json.loads((out / "_attempts" / new).read_text())["parts_written"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="found by the test above: an input without rows writes no part, so a reader "
-                                       "of the folder finds no columns (pandas: an empty frame without 'id'; "
-                                       "Spark: cannot infer a schema); the fix is in jobs.py")
 def test_an_input_without_rows_leaves_a_folder_with_the_output_columns(short_lm, tmp_path):
+    """Found by the test above: an input without rows wrote no part, so a reader of the folder found no
+    columns (pandas: an empty frame without 'id'; Spark: no schema to infer). Now one empty part."""
     write_input(tmp_path / "in", [{"id": [], "prompt": []}])
     manifest = TextJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=ModelSpec(short_lm)).run()
     assert manifest["counts"]["rows"] == 0

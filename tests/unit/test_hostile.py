@@ -348,3 +348,20 @@ def test_hub_token_never_logged_by_a_job(tiny_lm, tmp_path, caplog, capfd, monke
         assert TOKEN not in text
     assert WORD not in caplog.text
     _assert_no_token_in_folder(tmp_path / "out")
+
+
+def test_a_template_reaching_os_through_the_airflow_macros_never_runs(tiny_lm, tmp_path):
+    from airflow.sdk.execution_time.context import MacrosAccessor
+
+    marker = tmp_path / "pwned"
+    write_prompts(tmp_path / "in.parquet", 3)
+    # What the operator passes: the task's Airflow context, whose "macros" forwards to a module that
+    # holds the uuid module, which holds os.
+    manifest = job(tiny_lm, tmp_path, prompt_template=f"{{{{ macros.uuid.os.makedirs('{marker}') }}}}",
+                   template_context={"macros": MacrosAccessor()}, max_error_rate=1.0).run()
+    assert not marker.exists()
+    assert manifest["counts"]["errors"] == 3
+    # Plain functions among the macros still work.
+    ok = job(tiny_lm, tmp_path, output=tmp_path / "out2", prompt_template="{{ macros.ds_add('2026-12-01', 1) }}",
+             template_context={"macros": MacrosAccessor()}).run()
+    assert ok["counts"]["errors"] == 0
