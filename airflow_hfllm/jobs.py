@@ -785,16 +785,6 @@ class VisionJob(Job):
             raise InputError(f"{dataset.files[0].path}: column {self.image_column!r} {problem}")
         return dataset
 
-    def _committed(self, out: OutputDir, mine: range, fp: str, seed: int, done: dict[int, dict]) -> dict[int, dict]:
-        """This job's parts as the folder holds them now, for the manifest: a part another writer
-        committed over since (a concurrent attempt that drew another seed) fails the attempt."""
-        records = {k: r for k, r in out.commits().items() if k in mine and _committed_by(r, fp, seed)}
-        lost = sorted(set(done) - set(records))
-        if lost:
-            raise Superseded(f"output {out.uri}: parts {lost[:10]} were committed over by another writer while this "
-                             "attempt ran; the next attempt redoes them")
-        return records
-
     def _row_columns(self, dataset: Dataset) -> list[str]:
         return list(dict.fromkeys([*super()._row_columns(dataset), self.image_column]))
 

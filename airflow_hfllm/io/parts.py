@@ -106,10 +106,7 @@ class OutputDir:
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = self._temporary(final)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(tmp, data)
             try:
                 os.link(tmp, final)
             except FileExistsError:
@@ -134,12 +131,7 @@ class OutputDir:
             return
         tmp = self._temporary(final)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                # On the disk before the rename makes it visible: after a power loss a renamed part
-                # is whole, never empty.
-                os.fsync(f.fileno())
+            _write_synced(tmp, data)
             os.replace(tmp, final)
             _fsync_dir(parent)
         finally:
@@ -255,6 +247,15 @@ class OutputDir:
                 with self.fs.open(path, "rb") as f:
                     records.append(json.loads(f.read()))
         return sorted(records, key=lambda r: r.get("started", ""))
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        # On the disk before a rename or link makes it visible: after a power loss the file under
+        # its final name is whole, never empty.
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
