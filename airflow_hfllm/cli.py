@@ -18,7 +18,8 @@ import sys
 
 from airflow_hfllm.engine.loading import HubOptions
 from airflow_hfllm.engine.spec import DTYPES
-from airflow_hfllm.tiny import KINDS as TINY_KINDS
+from airflow_hfllm.testing import KINDS as TINY_KINDS
+from airflow_hfllm.testing import VERDICTS as TINY_VERDICTS
 
 SAFETY_HELP = ("safety checker on prompt and output text: salesforce:MODEL, classifier:MODEL, llama-guard:MODEL "
                "or blocklist:FILE (repeatable)")
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="folder to write the model to")
     tiny.add_argument("--kind", default="causal-lm", choices=TINY_KINDS, help="what kind of model")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    tiny.add_argument("--verdict", choices=("safe", "unsafe"), default=None,
+    tiny.add_argument("--verdict", choices=TINY_VERDICTS, default=None,
                       help="safety kinds: always answer this (for tests)")
     _parsers(sub)
     return parser
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "make-tiny-model":
-            from airflow_hfllm.tiny import make_tiny_model
+            from airflow_hfllm.testing.models import make_tiny_model
 
             print(make_tiny_model(args.dir, args.kind, seed=args.seed, verdict=args.verdict))
             return 0

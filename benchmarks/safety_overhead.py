@@ -10,7 +10,7 @@ The checker is `LlamaGuardChecker` over a random-weight Llama of Llama Guard 3 1
 16 layers, 32 heads, 8 KV heads, MLP 8192, vocab 128256, llama3 rope scaling, tied embeddings) built
 in-process, forced to answer `safe` (a hook on lm_head), so every row is generated and no row pays
 for the category line, as when nearly all rows are safe. There is no Llama 3 tokenizer offline: the
-checker reads with the tiny Llama Guard tokenizer of `airflow_hfllm.tiny` (trained on the Llama Guard 3
+checker reads with the tiny Llama Guard tokenizer of `airflow_hfllm.testing.text` (trained on the Llama Guard 3
 prompt, so the template costs about what it costs in Llama 3 tokens; both counts are printed), and
 each prompt / output is a text of as many one-token words as the row's prompt / output token ids, so
 the checker reads exactly as many text tokens as the generator did. Prompt checks judge the prompt;
@@ -86,7 +86,7 @@ def guard_checker(shape: str, device, dtype, prefix_tokens: int = 0, **options):
     from airflow_hfllm.engine.cache import MODEL_CACHE
     from airflow_hfllm.engine.loading import LoadedModel
     from airflow_hfllm.safety.llama_guard import LlamaGuardChecker
-    from airflow_hfllm.tiny import tokenizer
+    from airflow_hfllm.testing.text import tokenizer
 
     tok = tokenizer("llama-guard")
     if prefix_tokens:

@@ -19,7 +19,7 @@ Paths:
 
 The model is built in-process with random weights of Qwen2.5-VL-3B's shape (text: hidden 2048, 36
 layers, 16 heads, 2 KV heads, intermediate 11008, vocab 151936, tied embeddings; vision: depth 32,
-hidden 1280, out 2048), in bf16, with the tiny offline tokenizer of :mod:`airflow_hfllm.tiny_vision`
+hidden 1280, out 2048), in bf16, with the tiny offline tokenizer of :mod:`airflow_hfllm.testing.vision`
 (lm_head rows of ids it does not have, EOS and pad are zeroed: every row generates exactly
 ``--new-tokens`` tokens, so the paths do equal work). Images (``--images``, default 256) are seeded
 JPEGs of mixed sizes whose pixel counts lie within the default ``min_pixels``/``max_pixels``
@@ -102,7 +102,7 @@ def build(model_dir: Path, tiny: bool, dtype: str):
     from airflow_hfllm.engine.loading import LoadedModel
     from airflow_hfllm.engine.spec import ModelSpec
     from airflow_hfllm.engine.vision import get_vision_model
-    from airflow_hfllm.tiny_vision import config, make_image_processor, make_tokenizer
+    from airflow_hfllm.testing.vision import config, make_image_processor, make_tokenizer
 
     tok = make_tokenizer()
     shapes = dict(text={"vocab_size": TEXT_3B["vocab_size"]}) if tiny else dict(text=TEXT_3B, vision=VISION_3B)

@@ -4,7 +4,7 @@ Each run reads the manifest at ``{input}`` (Parquet: ``id``, ``prompt``, ``image
 path/URI such as ``s3://bucket/img/1.jpg`` or ``data:image/png;base64,...``, or image bytes) and writes
 ``{output}/ds=YYYY-MM-DD/``; a retry or a backfill of the same date skips the parts already written.
 Defaults come from the environment so a demo can point the DAG at a tiny offline model (build one with
-``airflow_hfllm.tiny_vision.make_tiny_vision_model``); on a real deployment set the params to e.g.
+``airflow_hfllm.testing.vision.make_tiny_vision_model``); on a real deployment set the params to e.g.
 ``Qwen/Qwen2.5-VL-3B-Instruct`` and object-store paths such as ``s3://aws_default@bucket/manifests/``.
 """
 

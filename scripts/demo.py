@@ -52,7 +52,7 @@ def env() -> dict:
 def main() -> int:
     import pandas as pd
 
-    from airflow_hfllm.tiny import make_tiny_model
+    from airflow_hfllm.testing.models import make_tiny_model
 
     models = DEMO / "models"
     if not (models / "tiny-chat" / "config.json").exists():

@@ -31,7 +31,7 @@ def write_prompts(path, n: int, start: int = 0, **extra) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """Tiny models built offline once per session, loaded through from_pretrained by the tests."""
-    from airflow_hfllm.tiny import make_tiny_model
+    from airflow_hfllm.testing.models import make_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     built = {}

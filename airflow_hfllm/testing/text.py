@@ -1,36 +1,21 @@
-"""Tiny random-weight Hugging Face models built fully offline, for tests.
+"""The tiny text models: a Qwen2 causal LM and the safety checkers (T5 seq2seq, BERT classifier, Llama Guard).
 
-``make_tiny_model(path, kind)`` writes a model and a tokenizer with
-``save_pretrained`` so that the ordinary ``Auto*.from_pretrained(path)`` calls
-load them with ``HF_HUB_OFFLINE=1``.
-
-Token conventions (one byte-level BPE tokenizer for every kind and seed, ~1230 tokens):
-
-* ids 0, 1, 2 = ``<|endoftext|>`` (pad; also config bos and T5 decoder start),
-  ``<|im_start|>``, ``<|im_end|>`` (eos),
-* ``" safe"``, ``" unsafe"``, ``" true"``, ``" false"`` (leading space, as
-  generated after a decoder start) and their bare forms are single tokens,
-* generated text is space-separated words (other lm_head rows are zeroed), so
-  ``decoded.split()[0]`` is the first generated token.
-
-The ``llama-guard`` kind (a Llama causal LM in the Llama Guard 3 format) extends that tokenizer: it is
-also trained on the Llama Guard 3 prompt (so its words are whole tokens, about as in Llama 3's vocab),
-has Llama 3's header tokens (``<|eot_id|>`` is eos), and ``"\n\n"`` and ``S1``...``S14`` as tokens.
+All use the tokenizer of :mod:`airflow_hfllm.testing.tokenizer`. The ``llama-guard`` kind (a Llama causal
+LM in the Llama Guard 3 format) extends it: it is also trained on the Llama Guard 3 prompt (so its words
+are whole tokens, about as in Llama 3's vocab), has Llama 3's header tokens (``<|eot_id|>`` is eos), and
+``"\n\n"`` and ``S1``...``S14`` as tokens.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import random
 
-SAFETY_KINDS = ("seq2seq-safety", "classifier-safety", "llama-guard")
-KINDS = ("causal-lm", *SAFETY_KINDS, "vision")
-VERDICTS = ("safe", "unsafe")
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-PAD, EOS = "<|endoftext|>", "<|im_end|>"
-SAFETY_WORDS = ("safe", "unsafe", "true", "false")
+from airflow_hfllm.testing import KINDS, VERDICTS
+from airflow_hfllm.testing.tokenizer import EOS, PAD, SAFETY_WORDS, WORDS, corpus, tokenizer_json
+from airflow_hfllm.testing.weights import STD, STD_MLP, only_words, scale_eos
+
 LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 LLAMA_GUARD_CODES = tuple(f"S{i}" for i in range(1, 15))
 # What a forced llama-guard model answers (then eos): the category line parses to S1 and S10.
@@ -69,108 +54,11 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-_WORDS = {
-    "subj": "the cat|a dog|my neighbour|the teacher|our team|the old man|a young girl|the pilot|"
-    "the doctor|every student|the farmer|a stranger|the robot|my sister|the committee|a bird|"
-    "the engineer|the river|the council|a small child|the chef|the author|his brother|the crowd",
-    "verb": "sees|likes|builds|paints|reads|carries|finds|watches|cleans|opens|writes|sells|"
-    "fixes|follows|loses|wants|checks|moves|answers|describes|measures|borrows|hides|explains",
-    "obj": "the house|a letter|the garden|an apple|the bridge|a story|the window|the old car|"
-    "a bright lamp|the map|a heavy box|the report|some bread|the computer|a green boat|the key|"
-    "the question|a warm coat|the machine|the picture|a quiet song|the budget|the data|the file",
-    "adj": "quiet|bright|heavy|strange|quick|careful|happy|angry|small|large|ancient|modern|"
-    "simple|complex|cold|warm|dangerous|gentle|noisy|clean|dirty|honest|useful|empty",
-    "adv": "slowly|quickly|carefully|often|rarely|always|never|today|yesterday|again|early|late",
-    "place": "in the park|at the station|near the lake|on the hill|in the city|at school|"
-    "under the tree|in the kitchen|at the market|by the sea|in the office|on the train",
-    "verdict": "safe|unsafe|true|false",
-    "noun": "time|year|people|way|day|thing|world|life|hand|part|place|case|week|company|system|"
-    "program|number|group|problem|fact|water|money|month|lot|right|study|book|eye|job|word|"
-    "business|issue|side|kind|head|service|friend|father|power|hour|game|line|end|member|law|"
-    "community|name|president|team|minute|idea|body|information|back|parent|face|others|level|"
-    "door|health|person|art|war|history|party|result|change|morning|reason|research|girl|guy|"
-    "moment|air|force|education|foot|boy|age|policy|music|market|sense|nation|plan|college|"
-    "interest|death|experience|effect|class|control|care|field|development|role|effort|rate|"
-    "heart|drug|show|leader|light|voice|wife|police|mind|price|report|decision|son|view|"
-    "relationship|town|road|arm|difference|value|building|action|model|season|society|tax|"
-    "director|position|player|record|paper|space|ground|form|event|official|matter|center|"
-    "couple|site|project|activity|star|table|need|court|oil|situation|cost|industry|figure|"
-    "street|image|phone|nature|film|evidence|network|weather|mountain|island|forest|winter",
-    "verb2": "accept|allow|arrive|become|believe|bring|change|choose|consider|continue|create|"
-    "decide|develop|expect|explain|happen|include|improve|imagine|increase|leave|learn|listen|"
-    "maintain|notice|offer|prepare|protect|provide|receive|reduce|remember|replace|report|"
-    "require|return|share|suggest|support|travel|understand|visit|wonder|organize|promise",
-}
-_WORDS = {k: v.split("|") for k, v in _WORDS.items()}
-_TEMPLATES = (
-    "{subj} {verb} {obj} {place}.",
-    "{subj} {adv} {verb} {obj}.",
-    "Why does {subj} {adv} look so {adj}?",
-    "Yesterday {subj} {verb} {obj} and it was {adj}.",
-    "Is it {verdict} that {subj} {verb} {obj} {place}?",
-    "The answer is {verdict}, because {subj} {verb} {obj}.",
-    "{verdict} or {verdict}: {subj} is {adj} {place}.",
-    "Please tell me whether {obj} is {verdict} or {verdict}.",
-    "Is the <Text> field safe or unsafe? <Text> {subj} {verb} {obj} <Context> ",
-    "{subj} said: \"I think {obj} is {adj}, not {adj}!\"",
-    "In 2024, {subj} {verb} {obj} {adv}; the cost was $15.99 (about 14 EUR).",
-    "def f(x):\n    return x * 2  # {subj} {verb} {obj}",
-    "We {verb2} the {noun} and {verb2} every {noun} of the {noun}.",
-    "Could you {verb2} why the {noun} is {adj} and the {noun} is not?",
-    "The {adj} {noun} will {verb2} the {noun} {place} {adv}.",
-    "Most {noun}s {verb2} their {noun} before the {noun} starts.",
-    "{noun}, {noun}, {noun} and {noun}: we {verb2} them all.",
-)
-
-
-def _corpus() -> list[str]:
-    rng = random.Random(1234)  # fixed: the tokenizer is the same for every model seed
-    lines = [rng.choice(_TEMPLATES).format_map(_Picker(rng)) for _ in range(1500)]
-    return lines + [" ".join(SAFETY_WORDS)] * 50  # bare forms must become tokens too
-
-
 def _llama_guard_lines() -> tuple[str, ...]:
     from airflow_hfllm.safety.llama_guard import llama_guard_prompt
 
     prompts = (llama_guard_prompt([("User", "hi")]), llama_guard_prompt([("User", "hi"), ("Agent", "hello")]))
     return prompts * 25
-
-
-class _Picker(dict):
-    def __init__(self, rng: random.Random):
-        super().__init__()
-        self.rng = rng
-
-    def __missing__(self, key: str) -> str:
-        return self.rng.choice(_WORDS[key])
-
-
-@functools.lru_cache(maxsize=2)
-def _tokenizer_json(extra: tuple[str, ...] = ()) -> str:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    # Exactly the pipeline transformers' Qwen2Tokenizer rebuilds from vocab + merges
-    # (AutoTokenizer forces that class for model_type qwen2), so every kind encodes alike.
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1500,
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus() + list(extra), trainer=trainer)
-    return tok.to_str()
 
 
 def _make_tokenizer(kind: str):
@@ -179,7 +67,7 @@ def _make_tokenizer(kind: str):
 
     guard = kind == "llama-guard"
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(_llama_guard_lines() if guard else ())),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json(_llama_guard_lines() if guard else ())),
         pad_token=PAD,
         eos_token="<|eot_id|>" if guard else EOS,
         additional_special_tokens=["<|im_start|>", *(LLAMA3_SPECIAL_TOKENS if guard else ())],
@@ -204,24 +92,11 @@ def tokenizer(kind: str = "causal-lm"):
     return _make_tokenizer(kind)
 
 
-def make_tiny_model(
-    path: str | os.PathLike,
-    kind: str = "causal-lm",
-    *,
-    seed: int = 0,
-    verdict: str | None = None,
+def make_text_model(
+    path: str | os.PathLike, kind: str, *, seed: int = 0, verdict: str | None = None
 ) -> pathlib.Path:
-    """Write a tiny random model of ``kind`` plus its tokenizer into ``path``."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
-    if verdict is not None and verdict not in VERDICTS:
-        raise ValueError(f"unknown verdict {verdict!r}; allowed: None, {', '.join(VERDICTS)}")
-    if verdict is not None and kind not in SAFETY_KINDS:
-        raise ValueError(f"verdict applies only to the safety kinds {', '.join(SAFETY_KINDS)}")
-    if kind == "vision":  # a tiny Qwen2.5-VL with its processor: its own module
-        from airflow_hfllm.tiny_vision import make_tiny_vision_model
-
-        return make_tiny_vision_model(path, seed=seed)
+    """Write a tiny random text model of ``kind`` plus its tokenizer into ``path`` (through
+    :func:`airflow_hfllm.testing.models.make_tiny_model`, which checks ``kind`` and ``verdict``)."""
     import torch
 
     path = pathlib.Path(path)
@@ -253,10 +128,8 @@ def _causal_lm(tok, verdict):
     )
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".weight") and p.dim() == 2:
-                p.normal_(0, _STD.get(name.split(".")[-2], _STD_DEFAULT))
-        _only_words(model.lm_head.weight, tok, keep=[tok.eos_token_id])  # EOS: calibrated below
+        _init_wide(model)
+        only_words(model.lm_head.weight, tok, keep=[tok.eos_token_id])  # EOS: calibrated below
     model.generation_config = GenerationConfig(**_ids(tok))
     model.eval()
     with torch.no_grad():
@@ -264,25 +137,17 @@ def _causal_lm(tok, verdict):
     return model
 
 
-# Default init (std 0.02) gives near-uniform attention and tiny logits: every reply is
-# the same token or EOS. Unit-std embeddings/lm_head spread logits far apart (no
-# near-ties, so batched == single greedy), sharper attention makes the next token
-# depend on the prompt and not only on the shared "<|im_start|>assistant\n" tail.
-_STD = {"embed_tokens": 1.0, "lm_head": 1.0, "q_proj": 0.3, "k_proj": 0.3, "v_proj": 0.3, "o_proj": 0.3}
-_STD_DEFAULT = 0.15  # MLP
-_EOS_STOP_FRACTION = 0.03
+def _init_wide(model) -> None:
+    """Wide random matrices (see :mod:`airflow_hfllm.testing.weights`): the reply depends on the prompt."""
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and p.dim() == 2:
+            p.normal_(0, STD.get(name.split(".")[-2], STD_MLP))
 
 
 def _calibrate_eos(model, tok) -> None:
-    """Scale the EOS row of lm_head so that ~_EOS_STOP_FRACTION of greedy replies stop early.
-
-    How often a random row wins the argmax depends a lot on the seed (and on the
-    model's own outputs), so measure it on greedy generations instead of guessing.
-    """
-    import torch
-
+    """Scale the EOS row of lm_head so that only a few greedy chat replies stop early (:func:`scale_eos`)."""
     rng = random.Random(99)
-    lines, words = _corpus(), [w for ws in _WORDS.values() for w in ws]
+    lines, words = corpus(), [w for ws in WORDS.values() for w in ws]
     chats = []
     for i in range(96):  # varied lengths and shapes, like the prompts tests will use
         n = 3 + 5 * (i % 24)
@@ -300,15 +165,7 @@ def _calibrate_eos(model, tok) -> None:
         **enc, max_new_tokens=24, do_sample=False, suppress_tokens=[eos],
         output_logits=True, return_dict_in_generate=True,
     )
-    logits = torch.stack(out.logits, dim=1)  # (batch, steps, vocab), raw: EOS logit included
-    eos_logit = logits[..., eos].clone()
-    logits[..., eos] = float("-inf")
-    # With the row scaled by alpha, EOS wins a step where alpha > best / eos_logit.
-    need = (logits.max(-1).values / eos_logit).where(eos_logit > 0, float("inf"))
-    per_reply = need.min(dim=1).values.sort().values
-    alpha = per_reply[int(_EOS_STOP_FRACTION * len(per_reply))]
-    if torch.isfinite(alpha):  # else EOS never scored above 0: leave it rare as it is
-        model.lm_head.weight[eos] *= alpha
+    scale_eos(model, out.logits, eos)
 
 
 def _seq2seq(tok, verdict):
@@ -335,7 +192,7 @@ def _seq2seq(tok, verdict):
         head, emb = model.lm_head.weight, model.shared.weight
         # EOS is never generated, so generation runs the full max_new_tokens and the
         # category-score steps always exist.
-        _only_words(head, tok)
+        only_words(head, tok)
         if verdict is not None:
             # Dimension `dim` of the decoder residual stream is 1e3 at the decoder-start
             # position and exactly 0 everywhere else (no other embedding or decoder
@@ -372,20 +229,6 @@ def _classifier(tok, verdict):
     return model
 
 
-def _only_words(head, tok, keep=()) -> None:
-    """Zero the lm_head rows of all but " word" tokens.
-
-    A zero row scores 0, far below the best of ~500 random logits, so it is never
-    picked: outputs are space-separated words (``text.split()[0]`` is the first
-    generated token) instead of byte soup and half-words.
-    """
-    words = (i for t, i in tok.get_vocab().items() if t[:1] == "\u0120" and t[1:].isascii() and t[1:].isalpha())
-    keep = [*keep, *words]
-    mask = head.new_ones(head.shape[0], dtype=bool)
-    mask[keep] = False
-    head[mask] = 0
-
-
 def _single_id(tok, text: str) -> int:
     (token_id,) = tok.encode(text, add_special_tokens=False)
     return token_id
@@ -405,9 +248,7 @@ def _llama_guard(tok, verdict):
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         if verdict is None:  # spread-out logits, as for the causal-lm kind, so verdicts vary with the input
-            for name, p in model.named_parameters():
-                if name.endswith(".weight") and p.dim() == 2:
-                    p.normal_(0, _STD.get(name.split(".")[-2], _STD_DEFAULT))
+            _init_wide(model)
         else:
             answer = tok.encode(LLAMA_GUARD_ANSWERS[verdict], add_special_tokens=False) + [tok.eos_token_id]
             _force_answer(model, answer)

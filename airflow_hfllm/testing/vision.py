@@ -1,16 +1,17 @@
 """A tiny random-weight Qwen2.5-VL model with an offline processor, for tests and demos.
 
-``make_tiny_vision_model(path)`` writes ``config.json`` + safetensors, the tokenizer (the byte-level BPE
-of :mod:`airflow_hfllm.tiny` plus Qwen's vision tokens ``<|vision_start|>``, ``<|image_pad|>``,
+``make_tiny_vision_model(path)`` writes ``config.json`` + safetensors, the tokenizer (the byte-level BPE of
+:mod:`airflow_hfllm.testing.tokenizer` plus Qwen's vision tokens ``<|vision_start|>``, ``<|image_pad|>``,
 ``<|vision_end|>``, ``<|video_pad|>``), a Qwen2-VL image processor config and the Qwen2.5-VL chat
 template, so that ``Qwen2_5_VLForConditionalGeneration`` / ``AutoModelForImageTextToText``,
 ``AutoTokenizer``, ``AutoImageProcessor`` and (where torchvision is installed) ``AutoProcessor`` load
 it with ``HF_HUB_OFFLINE=1``. Without torchvision ``AutoProcessor`` cannot build the video processor;
 :func:`airflow_hfllm.engine.vision.load_processor` then assembles the processor from these files.
 
-Like the tiny causal LM, the weights are drawn wide (unit-std embeddings and lm_head, sharp attention)
-and lm_head keeps only " word" rows, so greedy replies are long, varied and far from ties (batched ==
-one at a time), and the EOS row is calibrated on image prompts so that only a few replies stop early.
+Like the tiny causal LM (:mod:`airflow_hfllm.testing.weights`), the weights are drawn wide (unit-std
+embeddings and lm_head, sharp attention) and lm_head keeps only " word" rows, so greedy replies are long,
+varied and far from ties (batched == one at a time), and the EOS row is calibrated on image prompts so that
+only a few replies stop early.
 The vision tower is scaled so that the image tokens move the reply: another image, another answer.
 """
 
@@ -20,7 +21,8 @@ import os
 import pathlib
 import random
 
-from airflow_hfllm.tiny import EOS, PAD, _corpus, _only_words, _tokenizer_json
+from airflow_hfllm.testing.tokenizer import EOS, PAD, corpus, tokenizer_json
+from airflow_hfllm.testing.weights import STD, STD_MLP, only_words, scale_eos
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 SPECIAL = ("<|im_start|>", *VISION_TOKENS)
@@ -48,10 +50,7 @@ CHAT_TEMPLATE = (
 PROCESSOR_MIN_PIXELS = 56 * 56
 PROCESSOR_MAX_PIXELS = 28 * 28 * 1280
 
-_STD = {"embed_tokens": 1.0, "lm_head": 1.0, "q_proj": 0.3, "k_proj": 0.3, "v_proj": 0.3, "o_proj": 0.3}
-_STD_TEXT_MLP = 0.15
 _STD_VISION = 0.2  # vision blocks; the merger's last layer is scaled to unit-std image embeddings
-_EOS_STOP_FRACTION = 0.03
 
 
 def make_tokenizer():
@@ -60,7 +59,7 @@ def make_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json()),
         pad_token=PAD,
         eos_token=EOS,
         additional_special_tokens=list(SPECIAL),
@@ -142,11 +141,11 @@ def init_weights(model, tok) -> None:
             if ".visual." in f".{name}":
                 p.normal_(0, _STD_VISION)
             else:
-                p.normal_(0, _STD.get(leaf, _STD_TEXT_MLP))
+                p.normal_(0, STD.get(leaf, STD_MLP))
         # Image embeddings at the scale of token embeddings (unit std), so images steer the reply.
         last = model.model.visual.merger.mlp[-1]
         last.weight.mul_(1.0 / (last.weight.std() * last.weight.shape[1] ** 0.5 * _merger_scale(model)))
-        _only_words(model.lm_head.weight, tok, keep=[tok.eos_token_id])
+        only_words(model.lm_head.weight, tok, keep=[tok.eos_token_id])
 
 
 def _merger_scale(model) -> float:
@@ -183,15 +182,14 @@ def _sample_images(rng: random.Random, n: int):
 
 
 def calibrate_eos(model, tok, image_processor, seed: int = 0) -> None:
-    """Scale the EOS row of lm_head so that ~_EOS_STOP_FRACTION of greedy image replies stop early
-    (measured on generations, as :func:`airflow_hfllm.tiny._calibrate_eos` does for text)."""
-    import torch
+    """Scale the EOS row of lm_head so that only a few greedy image replies stop early (:func:`scale_eos`,
+    as for text)."""
     from transformers import Qwen2_5_VLProcessor
 
     from airflow_hfllm.engine.vision import images_only_processor
 
     rng = random.Random(1000 + seed)
-    lines = _corpus()
+    lines = corpus()
     images = _sample_images(rng, 24)
     texts, flat = [], []
     for k, image in enumerate(images):
@@ -206,11 +204,4 @@ def calibrate_eos(model, tok, image_processor, seed: int = 0) -> None:
     eos = tok.eos_token_id
     out = model.generate(**inputs, max_new_tokens=24, do_sample=False, suppress_tokens=[eos], output_logits=True,
                          return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-    logits = torch.stack(out.logits, dim=1)
-    eos_logit = logits[..., eos].clone()
-    logits[..., eos] = float("-inf")
-    need = (logits.max(-1).values / eos_logit).where(eos_logit > 0, float("inf"))
-    per_reply = need.min(dim=1).values.sort().values
-    alpha = per_reply[int(_EOS_STOP_FRACTION * len(per_reply))]
-    if torch.isfinite(alpha):
-        model.lm_head.weight[eos] *= alpha
+    scale_eos(model, out.logits, eos)

@@ -380,7 +380,7 @@ def _redis_ping(port: int) -> bool:
 _DEMO_SCRIPT = """
 import sys
 from pathlib import Path
-from airflow_hfllm.tiny import make_tiny_model
+from airflow_hfllm.testing.models import make_tiny_model
 from tests.conftest import write_prompts
 demo, model, rows = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 make_tiny_model(model, "causal-lm")

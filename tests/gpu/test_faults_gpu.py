@@ -39,7 +39,7 @@ MiB = 2**20
 def small_lm(tmp_path_factory):
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from airflow_hfllm.tiny import tokenizer
+    from airflow_hfllm.testing.text import tokenizer
 
     path = tmp_path_factory.mktemp("small-lm")
     tok = tokenizer("causal-lm")

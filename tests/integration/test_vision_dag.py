@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_vision_dag_batched_equals_one_at_a_time(models, tmp_path):
-    from airflow_hfllm.tiny_vision import make_tiny_vision_model
+    from airflow_hfllm.testing.vision import make_tiny_vision_model
 
     model = str(make_tiny_vision_model(tmp_path / "tiny-vl"))
     images = tmp_path / "private-images"

@@ -102,6 +102,20 @@ def test_every_option_has_help_and_the_exit_codes_are_listed(capsys):
     assert "(default: 1024)" in text_help and "(default: 1000)" in text_help
 
 
+
+def test_help_lists_the_tiny_kinds_without_importing_torch():
+    """``hfllm --help`` stays quick: torch, transformers and the tiny-model builders (airflow_hfllm.testing's
+    modules) are imported only when a command runs."""
+    heavy = ("torch", "transformers", "airflow_hfllm.testing.models", "airflow_hfllm.testing.text",
+             "airflow_hfllm.testing.vision")
+    code = ("import sys\nfrom airflow_hfllm.cli import main\ntry:\n    main(['make-tiny-model', '--help'])\n"
+            f"except SystemExit:\n    pass\nprint(sorted(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    *shown, imported = done.stdout.strip().splitlines()
+    assert imported == "[]"
+    for kind in ("causal-lm", "seq2seq-safety", "classifier-safety", "llama-guard", "vision"):
+        assert kind in "\n".join(shown)
+
 def test_sample_switch_on_both_commands_with_the_operators_defaults():
     common = ["--model", "m", "--input", "i", "--output", "o"]
     parse = build_parser().parse_args

@@ -10,7 +10,7 @@ from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
 from airflow_hfllm.jobs import TextJob
 from airflow_hfllm.safety import KINDS, SafetyChecker, Verdict, make_checker
 from airflow_hfllm.safety.llama_guard import CATEGORIES, LlamaGuardChecker, parse_categories
-from airflow_hfllm.tiny import make_tiny_model
+from airflow_hfllm.testing.models import make_tiny_model
 from tests.conftest import write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=10, do_sample=False)

@@ -33,7 +33,7 @@ GREEDY = GenerationParams(max_new_tokens=16, do_sample=False)
 
 @pytest.fixture(scope="session")
 def tiny_vl(tmp_path_factory):
-    from airflow_hfllm.tiny_vision import make_tiny_vision_model
+    from airflow_hfllm.testing.vision import make_tiny_vision_model
 
     return str(make_tiny_vision_model(tmp_path_factory.mktemp("models") / "tiny-vl"))
 
