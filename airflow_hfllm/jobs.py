@@ -34,20 +34,11 @@ from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, checked_text, context_limit, encode
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
-from airflow_hfllm.engine.vision import VisionFastEngine, VisionGenerator, build_request, get_processor, get_vision_model, vision_spec
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
-from airflow_hfllm.io.images import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
-    ImageError,
-    ImageLoader,
-    image_column_error,
-    parse_cell,
-)
 from airflow_hfllm.io.manifest import OUTPUT_COLUMNS, add_counts, count, fingerprint, output_schema
 from airflow_hfllm.io.parts import OutputDir, part_name
 from airflow_hfllm.safety import SafetyChecker, judge, make_checker
+from airflow_hfllm.vision.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 __all__ = ["Cancelled", "ErrorRateExceeded", "InputError", "Job", "Superseded", "TextJob", "VisionJob"]
 
@@ -747,7 +738,7 @@ class VisionJob(Job):
     :param max_image_bytes: largest encoded image accepted.
     :param image_backend: ``auto`` (``qwen_vl_utils`` where it imports, else the PIL implementation of
         the same resize), ``qwen-vl-utils`` or ``pil``.
-    :param engine: ``auto`` (the fast engine, :class:`~airflow_hfllm.engine.vision.VisionFastEngine`, on
+    :param engine: ``auto`` (the fast engine, :class:`~airflow_hfllm.vision.fast.VisionFastEngine`, on
         a GPU for Qwen2-VL / Qwen2.5-VL), ``fast`` or ``batched`` (padded batches of ``generate()``).
 
     ``params`` defaults to greedy decoding (``do_sample=False``), as the spec's image model did; the
@@ -767,6 +758,11 @@ class VisionJob(Job):
     kind: ClassVar[str] = "vision"
 
     def __post_init__(self):
+        # The vision modules are imported in VisionJob's methods: importing this module or running a
+        # TextJob loads none of them (tests/unit/test_job.py checks).
+        from airflow_hfllm.vision.images import ImageLoader
+        from airflow_hfllm.vision.processor import vision_spec
+
         super().__post_init__()
         if self.messages_column:
             raise ValueError("VisionJob takes prompt_column or prompt_template, not messages_column")
@@ -779,6 +775,8 @@ class VisionJob(Job):
         return [*super()._required_columns(), self.image_column]
 
     def open_input(self) -> Dataset:
+        from airflow_hfllm.vision.sources import image_column_error
+
         dataset = super().open_input()
         problem = image_column_error(dataset.schema.field(self.image_column).type)
         if problem:
@@ -789,6 +787,9 @@ class VisionJob(Job):
         return list(dict.fromkeys([*super()._row_columns(dataset), self.image_column]))
 
     def _load(self):
+        from airflow_hfllm.vision.images import ImageLoader
+        from airflow_hfllm.vision.processor import get_processor, get_vision_model
+
         loaded = get_vision_model(self.model, self.hub)
         self.processor = get_processor(self.model, self.hub)
         factor = self.processor.factor
@@ -803,12 +804,17 @@ class VisionJob(Job):
         return loaded
 
     def _generator(self, loaded, progress: Progress):
+        from airflow_hfllm.vision.fast import VisionFastEngine
+        from airflow_hfllm.vision.generator import VisionGenerator
+
         return self._fast_or(loaded, progress, VisionFastEngine, lambda: VisionGenerator(
             loaded, self.params, self.processor, self.images, max_batch_size=self.batch_size,
             token_budget=self.token_budget, should_stop=self.stop_event.is_set, on_batch=progress.batch),
             processor=self.processor, images=self.images)
 
     def _prepare(self, row: dict):
+        from airflow_hfllm.vision.sources import ImageError, parse_cell
+
         messages = self.prompts.messages(row)
         try:
             sources = parse_cell(row.get(self.image_column))
@@ -822,6 +828,9 @@ class VisionJob(Job):
         return checked_text(prepared[0])
 
     def _build_request(self, row: dict, prepared, loaded) -> Request:
+        from airflow_hfllm.vision.requests import build_request
+        from airflow_hfllm.vision.sources import ImageError
+
         messages, sources = prepared
         probed = []
         for k, source in enumerate(sources):

@@ -101,7 +101,7 @@ def build(model_dir: Path, tiny: bool, dtype: str):
     from airflow_hfllm.engine.cache import MODEL_CACHE
     from airflow_hfllm.engine.loading import LoadedModel
     from airflow_hfllm.engine.spec import ModelSpec
-    from airflow_hfllm.engine.vision import get_vision_model
+    from airflow_hfllm.vision.processor import get_vision_model
     from airflow_hfllm.testing.vision import config, make_image_processor, make_tokenizer
 
     tok = make_tokenizer()
@@ -140,7 +140,8 @@ def vision_info_reader(min_pixels: int, max_pixels: int):
     try:
         from qwen_vl_utils import process_vision_info
     except Exception as exc:
-        from airflow_hfllm.io.images import ImageLoader, parse_cell
+        from airflow_hfllm.vision.images import ImageLoader
+        from airflow_hfllm.vision.sources import parse_cell
 
         loader = ImageLoader(min_pixels, max_pixels, backend="pil")
 
@@ -199,7 +200,8 @@ def run_path(path: str, args) -> dict:
 
     from airflow_hfllm.engine.generate import BatchedGenerator
     from airflow_hfllm.engine.spec import GenerationParams
-    from airflow_hfllm.engine.vision import VisionGenerator, get_processor
+    from airflow_hfllm.vision.generator import VisionGenerator
+    from airflow_hfllm.vision.processor import get_processor
     from airflow_hfllm.jobs import VisionJob
 
     work = Path(args.workdir)

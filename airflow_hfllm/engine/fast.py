@@ -52,7 +52,7 @@ def text_config(config):
 
 
 def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
-    """Why the fast engine (``vision``: :class:`~airflow_hfllm.engine.vision.VisionFastEngine`) cannot
+    """Why the fast engine (``vision``: :class:`~airflow_hfllm.vision.fast.VisionFastEngine`) cannot
     run this model, or ``None`` when it can."""
     model = loaded.model
     archs = VISION_ARCHITECTURES if vision else ARCHITECTURES

@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from airflow_hfllm.operators.base import HFGenerateBaseOperator
+from airflow_hfllm.vision.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # imports nothing
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-DEFAULT_MIN_PIXELS = 224 * 28 * 28  # as airflow_hfllm.io.images (not imported here: DAG parsing stays light)
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
 class HFVisionGenerateOperator(HFGenerateBaseOperator):
@@ -42,7 +40,7 @@ class HFVisionGenerateOperator(HFGenerateBaseOperator):
     ui_color = "#ffb84d"
 
     def __init__(self, *, min_pixels: int | str = DEFAULT_MIN_PIXELS, max_pixels: int | str = DEFAULT_MAX_PIXELS,
-                 allow_http_images: bool = False, max_image_bytes: int = 64 * 2**20, image_column: str = "image",
+                 allow_http_images: bool = False, max_image_bytes: int = DEFAULT_MAX_BYTES, image_column: str = "image",
                  chunk_rows: int = 256, do_sample: bool = False, **kwargs):
         super().__init__(chunk_rows=chunk_rows, do_sample=do_sample, **kwargs)
         self.min_pixels = min_pixels

@@ -6,7 +6,7 @@
 template, so that ``Qwen2_5_VLForConditionalGeneration`` / ``AutoModelForImageTextToText``,
 ``AutoTokenizer``, ``AutoImageProcessor`` and (where torchvision is installed) ``AutoProcessor`` load
 it with ``HF_HUB_OFFLINE=1``. Without torchvision ``AutoProcessor`` cannot build the video processor;
-:func:`airflow_hfllm.engine.vision.load_processor` then assembles the processor from these files.
+:func:`airflow_hfllm.vision.processor.load_processor` then assembles the processor from these files.
 
 Like the tiny causal LM (:mod:`airflow_hfllm.testing.weights`), the weights are drawn wide (unit-std
 embeddings and lm_head, sharp attention) and lm_head keeps only " word" rows, so greedy replies are long,
@@ -186,7 +186,7 @@ def calibrate_eos(model, tok, image_processor, seed: int = 0) -> None:
     as for text)."""
     from transformers import Qwen2_5_VLProcessor
 
-    from airflow_hfllm.engine.vision import images_only_processor
+    from airflow_hfllm.vision.processor import images_only_processor
 
     rng = random.Random(1000 + seed)
     lines = corpus()

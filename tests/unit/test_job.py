@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pandas as pd
@@ -204,3 +206,23 @@ def test_cancel_stops_between_batches(tiny_lm, tmp_path):
         jobs_module.Progress = j_progress
     assert seen.is_set()
     assert not list((tmp_path / "out").glob("part-*.parquet"))
+
+
+def test_text_jobs_do_not_import_the_vision_package(tiny_lm, tmp_path):
+    """``import airflow_hfllm.jobs`` and a whole TextJob load no vision code: VisionJob imports it in its
+    methods (only ``airflow_hfllm.vision.defaults``, which imports nothing, is read at class definition)."""
+    write_prompts(tmp_path / "in" / "p.parquet", 3)
+    code = (
+        "import sys\n"
+        "import airflow_hfllm.jobs as jobs\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('airflow_hfllm.vision.'))\n"
+        "print(loaded())\n"
+        "from airflow_hfllm.engine.spec import GenerationParams, ModelSpec\n"
+        f"jobs.TextJob(input={str(tmp_path / 'in')!r}, output={str(tmp_path / 'out')!r}, model=ModelSpec({tiny_lm!r}),\n"
+        "             params=GenerationParams(max_new_tokens=4, do_sample=False)).run()\n"
+        "print(loaded())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after_import, after_run = done.stdout.strip().splitlines()[-2:]
+    assert after_import == "['airflow_hfllm.vision.defaults']"
+    assert after_run == "['airflow_hfllm.vision.defaults']"

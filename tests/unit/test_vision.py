@@ -23,8 +23,10 @@ import pytest
 from PIL import Image
 
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
-from airflow_hfllm.io.images import ImageError, ImageLoader, ImageSource, parse_cell, smart_resize
 from airflow_hfllm.jobs import VisionJob
+from airflow_hfllm.vision.images import ImageLoader
+from airflow_hfllm.vision.resize import smart_resize
+from airflow_hfllm.vision.sources import ImageError, ImageSource, SourceReader, parse_cell
 from tests.conftest import prompt_text
 
 SMALL = dict(min_pixels=8 * 28 * 28, max_pixels=48 * 28 * 28)  # 8..48 image tokens: fast on CPU
@@ -168,7 +170,7 @@ def test_sources_and_scheme_policy(tmp_path):
     path = tmp_path / "a.png"
     path.write_bytes(encoded(make_image(1, size=(90, 60))))
     data = path.read_bytes()
-    loader = ImageLoader(**SMALL)
+    reader = SourceReader()
     uri = "data:image/png;base64," + base64.b64encode(data).decode()
     import fsspec
 
@@ -176,7 +178,7 @@ def test_sources_and_scheme_policy(tmp_path):
     for ref in (str(path), f"file://{path}", uri, data, {"bytes": data, "path": None},
                 {"bytes": None, "path": str(path)}, "memory://vision-test/a.png"):
         (source,) = parse_cell(ref)
-        assert loader.read(source) == data
+        assert reader.read(source) == data
     assert [s.kind for s in parse_cell([str(path), data])] == ["local", "bytes"]
 
     refused = {
@@ -188,7 +190,7 @@ def test_sources_and_scheme_policy(tmp_path):
     }
     for ref, message in refused.items():
         with pytest.raises(ImageError, match=message):
-            loader.check(parse_cell(ref)[0])
+            reader.check(parse_cell(ref)[0])
     for cell, message in ((None, "image is null"), ([], "image list is empty"), (3, "is a int"), ("  ", "empty"),
                           ([str(path), None], "image 2 of 2 is null"),
                           ("data:text/plain;base64,aGk=", "not data:image")):
@@ -224,9 +226,9 @@ def test_http_only_when_allowed_and_never_redirected_to_a_file(tmp_path):
         allowed = ImageLoader(**SMALL, allow_http=True)
         assert allowed.probe(parse_cell(url + "/a.png")[0]).data == data
         with pytest.raises(ImageError, match="redirect to another scheme refused"):
-            allowed.read(parse_cell(url + "/redirect-ftp")[0])
+            allowed.reader.read(parse_cell(url + "/redirect-ftp")[0])
         with pytest.raises(ImageError, match="cannot read the image"):  # urllib refuses http -> file itself
-            allowed.read(parse_cell(url + "/redirect-file")[0])
+            allowed.reader.read(parse_cell(url + "/redirect-file")[0])
     finally:
         server.shutdown()
 
@@ -296,7 +298,7 @@ def test_bad_images_are_row_errors_and_other_rows_are_unharmed(tiny_vl, tmp_path
 
 def test_batched_generation_equals_one_row_at_a_time(tiny_vl, tmp_path, monkeypatch):
     write_manifest(tmp_path, good_rows(tmp_path / "images", 16))
-    from airflow_hfllm.engine.vision import VisionGenerator
+    from airflow_hfllm.vision.generator import VisionGenerator
 
     batch_sizes = []
     original = VisionGenerator._generate
@@ -325,7 +327,7 @@ def test_fast_engine_equals_batched_generate(tiny_vl, tmp_path):
     """The vision fast engine (prefill with images and multimodal rope, then decode from the static KV
     cache at rope position = KV index + offset) gives batched generate()'s greedy outputs, with rows
     joining and leaving 4 slots, packed vision attention, and bad images ending as error rows."""
-    from airflow_hfllm.engine.vision import VisionFastEngine
+    from airflow_hfllm.vision.fast import VisionFastEngine
 
     rows = good_rows(tmp_path / "images", 14)
     rows[6]["image"] = [str(tmp_path / "images" / "missing.png")]
@@ -362,7 +364,7 @@ def test_packed_vision_attention_equals_the_models_own(tiny_vl):
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    from airflow_hfllm.engine.vision_attention import pack_vision_attention
+    from airflow_hfllm.vision.attention import pack_vision_attention
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_vl, dtype=torch.float32).eval()
     processor = AutoImageProcessor.from_pretrained(tiny_vl)
@@ -382,7 +384,7 @@ def test_packed_vision_attention_equals_the_models_own(tiny_vl):
 
 
 def test_a_row_the_processor_rejects_is_an_error_row(tiny_vl, tmp_path, monkeypatch):
-    from airflow_hfllm.engine.vision import VisionGenerator
+    from airflow_hfllm.vision.generator import VisionGenerator
 
     rows = good_rows(tmp_path / "images", 6)
     rows[3]["prompt"] = "an image the processor rejects"
@@ -402,7 +404,8 @@ def test_a_row_the_processor_rejects_is_an_error_row(tiny_vl, tmp_path, monkeypa
 
 
 def test_prompt_tokens_match_the_processor(tiny_vl, tmp_path):
-    from airflow_hfllm.engine.vision import build_request, get_processor
+    from airflow_hfllm.vision.processor import get_processor
+    from airflow_hfllm.vision.requests import build_request
 
     processor = get_processor(ModelSpec(tiny_vl, task="vision"))
     loader = ImageLoader(**SMALL)
@@ -452,7 +455,7 @@ def test_up_front_errors(tiny_vl, tmp_path):
 def test_processor_is_built_from_its_parts_when_autoprocessor_cannot(tiny_vl, monkeypatch):
     import transformers
 
-    from airflow_hfllm.engine.vision import load_processor
+    from airflow_hfllm.vision.processor import load_processor
 
     spec = ModelSpec(tiny_vl, task="vision")
     if importlib.util.find_spec("torchvision") is None:
@@ -517,7 +520,7 @@ def test_cli_vision_prints_manifest_and_logs_no_text_or_paths(tiny_vl, tmp_path)
 def test_a_fifo_or_device_named_as_an_image_is_a_row_error_not_a_hang(tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)  # nobody ever writes to it: a blocking open or read would wait forever
-    loader = ImageLoader()
+    reader = SourceReader()
     for ref in (str(fifo), f"file://{fifo}", "/dev/zero"):
         with pytest.raises(ImageError, match="not a regular file"):
-            loader.read(parse_cell(ref)[0])
+            reader.read(parse_cell(ref)[0])
