@@ -623,6 +623,8 @@ class Job:
                 request.max_new_tokens = min(request.max_new_tokens, limit_model - n)
             chunk.requests[i] = request
         chunk.order = list(chunk.requests)
+        # Rows that never reach the generator (blocked, bad) are done too; the generator counts the rest.
+        progress.rows += chunk.n - len(chunk.order)
         return chunk
 
     def _finish_chunk(self, chunk: "_Chunk", progress: Progress, metadata: dict) -> pa.Table:

@@ -226,3 +226,13 @@ def test_text_jobs_do_not_import_the_vision_package(tiny_lm, tmp_path):
     after_import, after_run = done.stdout.strip().splitlines()[-2:]
     assert after_import == "['airflow_hfllm.vision.defaults']"
     assert after_run == "['airflow_hfllm.vision.defaults']"
+
+
+def test_progress_counts_rows_that_never_reach_the_generator(tiny_lm, tmp_path, caplog):
+    df = write_prompts(tmp_path / "in" / "a.parquet", 6)
+    df.loc[[1, 4], "prompt"] = None  # two rows end in error before generation
+    df.to_parquet(tmp_path / "in" / "a.parquet", index=False)
+    with caplog.at_level("INFO", logger="airflow_hfllm"):
+        job(tiny_lm, tmp_path, max_error_rate=1, progress_every=0).run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert lines and lines[-1].startswith("progress: 6/6 rows (100%)") and "errors 2" in lines[-1], lines
