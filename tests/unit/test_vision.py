@@ -459,7 +459,7 @@ def test_processor_is_built_from_its_parts_when_autoprocessor_cannot(tiny_vl, mo
 
     spec = ModelSpec(tiny_vl, task="vision")
     if importlib.util.find_spec("torchvision") is None:
-        with pytest.raises(ImportError, match="Torchvision"):  # the fact DESIGN.md records, on this machine
+        with pytest.raises(ImportError, match="Torchvision"):  # the fact docs/design.md records, on this machine
             transformers.AutoProcessor.from_pretrained(tiny_vl)
     built = load_processor(spec)
     assert "built from image processor + tokenizer" in built.how and built.factor == 28
