@@ -117,7 +117,8 @@ def _common_arguments(p, job_class) -> None:
 
 
 def _parsers(sub) -> None:
-    from airflow_hfllm.jobs import TextJob, VisionJob
+    from airflow_hfllm.jobs import TextJob
+    from airflow_hfllm.vision.job import VisionJob
 
     text = sub.add_parser("text", help="generate text for a Parquet batch of prompts", formatter_class=HelpFormatter)
     _common_arguments(text, TextJob)
@@ -146,7 +147,8 @@ def _parsers(sub) -> None:
 
 def run_job(args) -> int:
     from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
-    from airflow_hfllm.jobs import TextJob, VisionJob
+    from airflow_hfllm.jobs import TextJob
+    from airflow_hfllm.vision.job import VisionJob
 
     env = HubOptions.from_env()
     hub = HubOptions(cache_dir=args.cache_dir or env.cache_dir, token=env.token,

@@ -5,7 +5,7 @@
 
 Paths:
 
-* ``ours``: a :class:`~airflow_hfllm.jobs.VisionJob` over a Parquet manifest of image paths, end to end
+* ``ours``: a :class:`~airflow_hfllm.vision.job.VisionJob` over a Parquet manifest of image paths, end to end
   (probe headers; decode, resize and patch images in threads; the vision fast engine: vision attention
   packed by length, prefill groups under a token budget, continuous batching over a static KV cache,
   CUDA-graph decode; parts written).
@@ -202,7 +202,7 @@ def run_path(path: str, args) -> dict:
     from airflow_hfllm.engine.spec import GenerationParams
     from airflow_hfllm.vision.generator import VisionGenerator
     from airflow_hfllm.vision.processor import get_processor
-    from airflow_hfllm.jobs import VisionJob
+    from airflow_hfllm.vision.job import VisionJob
 
     work = Path(args.workdir)
     min_pixels, max_pixels = pixel_bounds(args.tiny)

@@ -51,7 +51,7 @@ class HFVisionGenerateOperator(HFGenerateBaseOperator):
 
     def build_job(self, context: Context):
         from airflow_hfllm.engine.spec import ModelSpec
-        from airflow_hfllm.jobs import VisionJob
+        from airflow_hfllm.vision.job import VisionJob
 
         arguments = self.job_arguments(context)
         return VisionJob(

@@ -11,6 +11,7 @@
   batches of ``generate()``.
 * :mod:`~airflow_hfllm.vision.fast`: :class:`~airflow_hfllm.vision.fast.VisionFastEngine`, the fast engine over images.
 * :mod:`~airflow_hfllm.vision.attention`: packed attention for the vision tower.
+* :mod:`~airflow_hfllm.vision.job`: :class:`~airflow_hfllm.vision.job.VisionJob`, the job over an image manifest.
 
 Nothing is imported here: ``import airflow_hfllm.jobs`` and text jobs load none of it.
 """

@@ -209,8 +209,8 @@ def test_cancel_stops_between_batches(tiny_lm, tmp_path):
 
 
 def test_text_jobs_do_not_import_the_vision_package(tiny_lm, tmp_path):
-    """``import airflow_hfllm.jobs`` and a whole TextJob load no vision code: VisionJob imports it in its
-    methods (only ``airflow_hfllm.vision.defaults``, which imports nothing, is read at class definition)."""
+    """``import airflow_hfllm.jobs`` and a whole TextJob load no vision code (VisionJob lives in
+    ``airflow_hfllm.vision.job``)."""
     write_prompts(tmp_path / "in" / "p.parquet", 3)
     code = (
         "import sys\n"
@@ -224,8 +224,7 @@ def test_text_jobs_do_not_import_the_vision_package(tiny_lm, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     after_import, after_run = done.stdout.strip().splitlines()[-2:]
-    assert after_import == "['airflow_hfllm.vision.defaults']"
-    assert after_run == "['airflow_hfllm.vision.defaults']"
+    assert after_import == after_run == "[]"
 
 
 def test_progress_counts_rows_that_never_reach_the_generator(tiny_lm, tmp_path, caplog):

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import VisionJob
+from airflow_hfllm.vision.job import VisionJob
 from airflow_hfllm.vision.images import ImageLoader
 from airflow_hfllm.vision.resize import smart_resize
 from airflow_hfllm.vision.sources import ImageError, ImageSource, SourceReader, parse_cell
