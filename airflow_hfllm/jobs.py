@@ -112,6 +112,10 @@ class Progress:
         self.tokens += tokens
         self.maybe_log()
 
+    def skipped(self, rows: int) -> None:
+        """Rows done without reaching the generator (blocked, bad); the generator counts the rest."""
+        self.rows += rows
+
     def maybe_log(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last < self.every:
@@ -622,8 +626,7 @@ class Job:
                 request.max_new_tokens = min(request.max_new_tokens, limit_model - n)
             chunk.requests[i] = request
         chunk.order = list(chunk.requests)
-        # Rows that never reach the generator (blocked, bad) are done too; the generator counts the rest.
-        progress.rows += chunk.n - len(chunk.order)
+        progress.skipped(chunk.n - len(chunk.order))
         return chunk
 
     def _finish_chunk(self, chunk: "_Chunk", progress: Progress, metadata: dict) -> pa.Table:

@@ -30,6 +30,8 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
+from airflow_hfllm.engine.layers import decoder_layer, prefill_attention, right_padded, text_config, text_model
+from airflow_hfllm.engine.sampling import mix, row_seed
 from airflow_hfllm.engine.loading import LoadedModel
 from airflow_hfllm.engine.spec import GenerationParams
 
@@ -38,17 +40,6 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 VISION_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
-MASK64 = (1 << 63) - 1
-
-
-def text_model(model):
-    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM or a vision-language model."""
-    inner = getattr(model, "model", None)
-    return getattr(inner, "language_model", None) or inner
-
-
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
@@ -74,69 +65,6 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
             or not hasattr(model, "lm_head"):
         return "unexpected module layout"
     return None
-
-
-def row_seed(seed: int, key) -> int:
-    """A 63-bit seed for one row, from the job seed and the row's id."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") & MASK64
-
-
-def _mix(x):
-    """splitmix64 finaliser on int64 tensors (wrapping arithmetic): a counter-based hash."""
-    x = x ^ (x >> 31 & 0x1FFFFFFFF)
-    x = x * -7723592293110705685  # 0x94D049BB133111EB as int64
-    x = x ^ (x >> 29 & 0x7FFFFFFFF)
-    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
-    x = x ^ (x >> 32 & 0xFFFFFFFF)
-    return x
-
-
-def prefill_attention():
-    """SDPA backends for prefill: flash, then memory-efficient, then math. Not cuDNN: torch picks it on
-    H100, and it builds an execution plan for every new shape on the host (2.8 ms per call measured),
-    which made host time most of a prefill whose shapes change with every group."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def right_padded(rows: Sequence[Sequence[int]], pad: int = 0):
-    """Token id rows as one [n, longest] CPU tensor, padded after each row's end."""
-    import torch
-
-    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row)
-    return ids
-
-
-def rotate_half(x):
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int]):
-    """One decoder layer through the model's own modules. x: [n, T, D], cos/sin: [n or 1, T, head_dim],
-    dims: (heads, kv_heads, head_dim). ``write(l, k, v)`` stores this step's keys/values and
-    ``attend(l, q, k, v, scale)`` returns the attention output [n, H, T, hd]."""
-    heads, kv_heads, head_dim = dims
-    n, t, _ = x.shape
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(n, t, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(n, t, kv_heads, head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(n, t, kv_heads, head_dim).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    write(attn.layer_idx, k, v)
-    o = attend(attn.layer_idx, q, k, v, attn.scaling)
-    x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, heads * head_dim))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class FastEngine:
@@ -335,7 +263,7 @@ class FastEngine:
             drop = (cum - sorted_logits.softmax(-1)) > p.top_p  # keep the token that crosses top_p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
         # Gumbel-max with a counter-based hash of (row seed, step, token): no RNG state, no host sync.
-        x = _mix(seeds[:, None] ^ _mix(step[:, None] * 1_000_003 + self.arange_vocab[None, :] + 1))
+        x = mix(seeds[:, None] ^ mix(step[:, None] * 1_000_003 + self.arange_vocab[None, :] + 1))
         u = ((x >> 11) & ((1 << 52) - 1)).double().add(0.5).div(float(1 << 52)).float()
         return (logits - torch.log(-torch.log(u))).argmax(-1)
 

@@ -24,7 +24,8 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from airflow_hfllm.engine.fast import right_padded, unsupported_reason
+from airflow_hfllm.engine.fast import unsupported_reason
+from airflow_hfllm.engine.layers import right_padded
 from airflow_hfllm.engine.loading import HubOptions, get_model
 from airflow_hfllm.engine.spec import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
