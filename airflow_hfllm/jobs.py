@@ -378,10 +378,10 @@ class Job:
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> dict:
         started, t0 = _now(), time.monotonic()
-        dataset = self.open_input()
         out_fs, out_path = to_fs(self.output, self.output_fs)
         if out_fs.isfile(out_path):
             raise InputError(f"output {out_path} is a file, not a folder")
+        dataset = self.open_input()
         overlap = dataset.overlaps(out_fs, out_path)
         if overlap:  # a retry would read this run's parts as input
             raise InputError(f"{overlap}: put the output outside the input")

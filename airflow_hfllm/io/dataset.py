@@ -129,7 +129,7 @@ class Dataset:
         for file in list_files(fs, path):
             try:
                 with fs.open(file, "rb") as f:
-                    meta = pq.ParquetFile(f).metadata
+                    meta = pq.ParquetFile(f, pre_buffer=False).metadata  # see _read
                     file_schema = meta.schema.to_arrow_schema()
             except Exception as exc:
                 raise InputError(f"{file}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
