@@ -16,8 +16,8 @@ import logging
 import signal
 import sys
 
-from airflow_hfllm.engine.loading import HubOptions
-from airflow_hfllm.engine.spec import DTYPES
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.config import DTYPES
 from airflow_hfllm.testing import KINDS as TINY_KINDS
 from airflow_hfllm.testing import VERDICTS as TINY_VERDICTS
 
@@ -146,7 +146,7 @@ def _parsers(sub) -> None:
 
 
 def run_job(args) -> int:
-    from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+    from airflow_hfllm.config import GenerationParams, ModelSpec
     from airflow_hfllm.jobs import TextJob
     from airflow_hfllm.vision.job import VisionJob
 

@@ -31,9 +31,10 @@ import pyarrow as pa
 
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
-from airflow_hfllm.engine.loading import HubOptions, get_model
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, checked_text, context_limit, encode
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
 from airflow_hfllm.io.manifest import OUTPUT_COLUMNS, add_counts, count, fingerprint, output_schema
 from airflow_hfllm.io.parts import OutputDir, part_name

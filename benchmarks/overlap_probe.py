@@ -53,7 +53,7 @@ def main() -> int:
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine
-    from airflow_hfllm.engine.spec import GenerationParams
+    from airflow_hfllm.config import GenerationParams
 
     checker = guard_checker("1b", "cuda", torch.bfloat16)
     tok = checker.load().tokenizer

@@ -65,7 +65,7 @@ def tiny_generator():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from airflow_hfllm.engine.loading import LoadedModel
-    from airflow_hfllm.engine.spec import ModelSpec
+    from airflow_hfllm.config import ModelSpec
 
     torch.manual_seed(0)
     config = Qwen2Config(max_position_embeddings=4096, **TINY_GENERATOR)
@@ -131,7 +131,7 @@ def run(mode: str, rows: int | None, batch_size: int, token_budget: int, prefix_
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine
-    from airflow_hfllm.engine.spec import GenerationParams
+    from airflow_hfllm.config import GenerationParams
 
     gen_shape, guard_shape, n = MODES[mode]
     n = rows or n

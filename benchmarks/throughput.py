@@ -54,7 +54,7 @@ def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from airflow_hfllm.engine.loading import LoadedModel
-    from airflow_hfllm.engine.spec import ModelSpec
+    from airflow_hfllm.config import ModelSpec
 
     torch.manual_seed(0)
     config = Qwen2Config(max_position_embeddings=4096, rope_theta=1_000_000.0, **SHAPES[shape])
@@ -105,7 +105,7 @@ def build_quantized(shape: str, quantization: str, checkpoint_dir: str = CHECKPO
     from transformers import Qwen2ForCausalLM
 
     from airflow_hfllm.engine.loading import LoadedModel, device_and_dtype, quantization_config
-    from airflow_hfllm.engine.spec import ModelSpec
+    from airflow_hfllm.config import ModelSpec
 
     folder = random_checkpoint(shape, checkpoint_dir)
     spec = ModelSpec(f"random-qwen2-{shape}", quantization=quantization)
@@ -154,7 +154,7 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
 
     from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
     from airflow_hfllm.engine.generate import BatchedGenerator
-    from airflow_hfllm.engine.spec import GenerationParams
+    from airflow_hfllm.config import GenerationParams
 
     loaded = build(shape, dtype, quantization, checkpoint_dir)
     dtype = str(loaded.dtype).removeprefix("torch.")

@@ -100,7 +100,7 @@ def build(model_dir: Path, tiny: bool, dtype: str):
 
     from airflow_hfllm.engine.cache import MODEL_CACHE
     from airflow_hfllm.engine.loading import LoadedModel
-    from airflow_hfllm.engine.spec import ModelSpec
+    from airflow_hfllm.config import ModelSpec
     from airflow_hfllm.vision.processor import get_vision_model
     from airflow_hfllm.testing.vision import config, make_image_processor, make_tokenizer
 
@@ -199,7 +199,7 @@ def run_path(path: str, args) -> dict:
     import torch
 
     from airflow_hfllm.engine.generate import BatchedGenerator
-    from airflow_hfllm.engine.spec import GenerationParams
+    from airflow_hfllm.config import GenerationParams
     from airflow_hfllm.vision.generator import VisionGenerator
     from airflow_hfllm.vision.processor import get_processor
     from airflow_hfllm.vision.job import VisionJob

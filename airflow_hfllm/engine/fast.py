@@ -33,7 +33,7 @@ from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at
 from airflow_hfllm.engine.layers import decoder_layer, prefill_attention, right_padded, text_config, text_model
 from airflow_hfllm.engine.sampling import mix, row_seed
 from airflow_hfllm.engine.loading import LoadedModel
-from airflow_hfllm.engine.spec import GenerationParams
+from airflow_hfllm.config import GenerationParams
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from airflow_hfllm.engine.cache import free_memory
 from airflow_hfllm.engine.loading import LoadedModel
-from airflow_hfllm.engine.spec import GenerationParams
+from airflow_hfllm.config import GenerationParams
 
 log = logging.getLogger(__name__)
 

@@ -12,36 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_hfllm.engine.cache import MODEL_CACHE, ModelCache
-from airflow_hfllm.engine.spec import ModelSpec
+from airflow_hfllm.config import HubOptions, ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    """Where and how to reach the hub. Not part of the cache key; the token is never logged.
-
-    :param cache_dir: on-disk HF cache (defaults to ``HF_HOME``/``HF_HUB_CACHE``); may be a volume
-        shared by all GPU workers.
-    :param token: hub token for gated models.
-    :param local_files_only: never touch the network (air-gapped workers).
-    """
-
-    cache_dir: str | None = None
-    token: str | None = field(default=None, repr=False)
-    local_files_only: bool = False
-
-    @classmethod
-    def from_env(cls) -> "HubOptions":
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        return cls(
-            cache_dir=os.environ.get("HFLLM_CACHE_DIR") or None,
-            token=os.environ.get("HF_TOKEN") or None,
-            local_files_only=offline,
-        )
-
-    def kwargs(self) -> dict:
-        return {"cache_dir": self.cache_dir, "token": self.token, "local_files_only": self.local_files_only}
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from airflow_hfllm.engine.loading import HubOptions
+from airflow_hfllm.config import HubOptions
 from airflow_hfllm.get_provider_info import ui_field_behaviour
 
 

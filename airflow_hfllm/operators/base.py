@@ -200,7 +200,7 @@ class HFGenerateBaseOperator(BaseOperator):
 
     def job_arguments(self, context: Context) -> dict:
         """The :class:`~airflow_hfllm.jobs.Job` arguments every kind shares."""
-        from airflow_hfllm.engine.spec import GenerationParams
+        from airflow_hfllm.config import GenerationParams
 
         input_fs, input_path = fs_and_path(self.input_path)
         output_fs, output_path = fs_and_path(self.output_path)
@@ -302,7 +302,7 @@ class HFGenerateBaseOperator(BaseOperator):
 
     def _model_spec_for_lineage(self) -> dict:
         """The model as the task was asked for it, before a manifest says what was loaded."""
-        from airflow_hfllm.engine.spec import normalize_quantization
+        from airflow_hfllm.config import normalize_quantization
 
         return {"model": self.base_model, "revision": self.revision or None, "dtype": self.dtype,
                 "quantization": normalize_quantization(self.quantization),

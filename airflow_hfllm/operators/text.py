@@ -38,7 +38,7 @@ class HFTextGenerateOperator(HFGenerateBaseOperator):
         self.messages_column = messages_column
 
     def build_job(self, context: Context):
-        from airflow_hfllm.engine.spec import ModelSpec
+        from airflow_hfllm.config import ModelSpec
         from airflow_hfllm.jobs import TextJob
 
         return TextJob(

@@ -50,7 +50,7 @@ class HFVisionGenerateOperator(HFGenerateBaseOperator):
         self.image_column = image_column
 
     def build_job(self, context: Context):
-        from airflow_hfllm.engine.spec import ModelSpec
+        from airflow_hfllm.config import ModelSpec
         from airflow_hfllm.vision.job import VisionJob
 
         arguments = self.job_arguments(context)

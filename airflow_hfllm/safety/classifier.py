@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from airflow_hfllm.engine.loading import HubOptions, get_model
-from airflow_hfllm.engine.spec import ModelSpec
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import get_model
+from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
 
 SAFE_LABELS = {"safe", "benign", "ok", "neutral", "normal", "clean", "sfw", "non-toxic", "non_toxic",

@@ -26,8 +26,9 @@ from typing import Sequence
 
 from airflow_hfllm.engine.fast import unsupported_reason
 from airflow_hfllm.engine.layers import right_padded
-from airflow_hfllm.engine.loading import HubOptions, get_model
-from airflow_hfllm.engine.spec import ModelSpec
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import get_model
+from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
 from airflow_hfllm.safety.verdict_pass import VerdictPass
 

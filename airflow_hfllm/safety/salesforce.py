@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from airflow_hfllm.engine.loading import HubOptions, get_model
-from airflow_hfllm.engine.spec import ModelSpec
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import get_model
+from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
 
 DEFAULT_MODEL = "Salesforce/safety-flan-t5-base"

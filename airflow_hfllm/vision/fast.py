@@ -11,7 +11,7 @@ from typing import Any
 from airflow_hfllm.engine.fast import FastEngine
 from airflow_hfllm.engine.generate import Completion, Request
 from airflow_hfllm.engine.loading import LoadedModel
-from airflow_hfllm.engine.spec import GenerationParams
+from airflow_hfllm.config import GenerationParams
 from airflow_hfllm.vision.images import ImageLoader, decode_images
 from airflow_hfllm.vision.processor import LoadedProcessor
 from airflow_hfllm.vision.requests import VisionRequest, expand_placeholders

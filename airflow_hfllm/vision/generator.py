@@ -17,7 +17,7 @@ from typing import Sequence
 
 from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Completion, Request, generate_kwargs
 from airflow_hfllm.engine.loading import LoadedModel
-from airflow_hfllm.engine.spec import GenerationParams
+from airflow_hfllm.config import GenerationParams
 from airflow_hfllm.vision.images import ImageLoader, decode_images
 from airflow_hfllm.vision.processor import LoadedProcessor
 from airflow_hfllm.vision.requests import VisionRequest

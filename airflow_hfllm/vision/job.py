@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from airflow_hfllm.engine.generate import Request
 from airflow_hfllm.engine.prompts import RowError, checked_text
-from airflow_hfllm.engine.spec import GenerationParams
+from airflow_hfllm.config import GenerationParams
 from airflow_hfllm.io.dataset import Dataset, InputError
 from airflow_hfllm.jobs import Job, Progress
 from airflow_hfllm.vision.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS

@@ -1,6 +1,6 @@
 """The vision model and its processor, through the shared model cache.
 
-The model is an ordinary :class:`~airflow_hfllm.engine.spec.ModelSpec` with ``task="vision"``
+The model is an ordinary :class:`~airflow_hfllm.config.ModelSpec` with ``task="vision"``
 (``AutoModelForImageTextToText``), so it is cached and evicted like every other model. The processor
 is cached next to it, keyed by the model alone: its options (``min_pixels``/``max_pixels``) are not part
 of the model's identity, they are passed on every call (and are part of the job fingerprint).
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_hfllm.engine.cache import MODEL_CACHE, ModelCache
-from airflow_hfllm.engine.loading import HubOptions, LoadedModel, get_model, prepare_tokenizer
-from airflow_hfllm.engine.spec import ModelSpec
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import LoadedModel, get_model, prepare_tokenizer
+from airflow_hfllm.config import ModelSpec
 
 log = logging.getLogger(__name__)
 

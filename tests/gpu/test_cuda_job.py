@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from airflow_hfllm.engine.generate import BatchedGenerator, Request  # noqa: E402
 from airflow_hfllm.engine.loading import get_model  # noqa: E402
 from airflow_hfllm.engine.prompts import encode  # noqa: E402
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec  # noqa: E402
+from airflow_hfllm.config import GenerationParams, ModelSpec  # noqa: E402
 from airflow_hfllm.jobs import TextJob  # noqa: E402
 from tests.conftest import prompt_text, write_prompts  # noqa: E402
 

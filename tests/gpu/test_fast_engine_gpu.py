@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def agreement(dtype: str, n: int = 64, new: int = 32) -> float:
     from airflow_hfllm.engine.fast import FastEngine
     from airflow_hfllm.engine.generate import BatchedGenerator
-    from airflow_hfllm.engine.spec import GenerationParams
+    from airflow_hfllm.config import GenerationParams
     from benchmarks.throughput import build, workload
 
     loaded = build("0.5b", dtype)

@@ -3,7 +3,7 @@
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.engine.prompts import encode
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from tests.conftest import prompt_text
 
 

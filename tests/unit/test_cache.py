@@ -7,7 +7,7 @@ import pytest
 
 from airflow_hfllm.engine.cache import ModelCache
 from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.spec import ModelSpec, normalize_quantization
+from airflow_hfllm.config import ModelSpec, normalize_quantization
 
 
 def test_one_load_per_key_across_threads():

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import airflow_hfllm.io.parts as parts
-from airflow_hfllm.engine.loading import HubOptions, load
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import load
 from airflow_hfllm.engine.prompts import encode
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.parts import OutputDir
 from airflow_hfllm.jobs import TextJob
 from tests.conftest import write_prompts

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_hfllm.engine.generate import Cancelled
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import InputError
 from airflow_hfllm.jobs import ErrorRateExceeded, TextJob
 from tests.conftest import write_prompts
@@ -217,7 +217,7 @@ def test_text_jobs_do_not_import_the_vision_package(tiny_lm, tmp_path):
         "import airflow_hfllm.jobs as jobs\n"
         "loaded = lambda: sorted(m for m in sys.modules if m.startswith('airflow_hfllm.vision.'))\n"
         "print(loaded())\n"
-        "from airflow_hfllm.engine.spec import GenerationParams, ModelSpec\n"
+        "from airflow_hfllm.config import GenerationParams, ModelSpec\n"
         f"jobs.TextJob(input={str(tmp_path / 'in')!r}, output={str(tmp_path / 'out')!r}, model=ModelSpec({tiny_lm!r}),\n"
         "             params=GenerationParams(max_new_tokens=4, do_sample=False)).run()\n"
         "print(loaded())\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.jobs import TextJob
 from airflow_hfllm.safety import KINDS, SafetyChecker, Verdict, make_checker
 from airflow_hfllm.safety.llama_guard import CATEGORIES, LlamaGuardChecker, parse_categories

@@ -8,7 +8,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.jobs import TextJob
 from tests.conftest import write_prompts
 

@@ -10,7 +10,7 @@ import pytest
 
 import airflow_hfllm.jobs as jobs_module
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, describe_value
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import InputError
 from airflow_hfllm.jobs import TextJob
 

@@ -14,8 +14,9 @@ import pytest
 from airflow_hfllm.engine.cache import ModelCache
 from airflow_hfllm.engine.fast import unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
-from airflow_hfllm.engine.loading import HubOptions, get_model, same_model
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.loading import get_model, same_model
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.jobs import TextJob
 from tests.conftest import prompt_text, write_prompts
 

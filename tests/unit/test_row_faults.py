@@ -5,7 +5,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from airflow_hfllm.engine.spec import ModelSpec
+from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.jobs import TextJob
 from tests.conftest import prompt_text
 from tests.unit.test_job import GREEDY, job, read

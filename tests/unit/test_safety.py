@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.jobs import TextJob
 from airflow_hfllm.safety import SafetyChecker, Verdict, judge, make_checker
 from airflow_hfllm.safety.base import windows

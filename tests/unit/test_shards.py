@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
 from airflow_hfllm.io.parts import OutputDir
 from airflow_hfllm.io.shards import merge_shards, plan_shards

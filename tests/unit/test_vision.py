@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.vision.job import VisionJob
 from airflow_hfllm.vision.images import ImageLoader
 from airflow_hfllm.vision.resize import smart_resize

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_hfllm.engine.spec import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import Dataset, to_fs
 from airflow_hfllm.io.parts import OutputDir
 from airflow_hfllm.io.shards import merge_shards, plan_shards
