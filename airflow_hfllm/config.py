@@ -85,6 +85,8 @@ class GenerationParams:
     top_p: float = 0.9
     top_k: int = 50
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     min_length: int | None = None
     use_cache: bool = True
     seed: int | None = None
@@ -103,6 +105,9 @@ class GenerationParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
