@@ -6,9 +6,10 @@ row is prefilled into it, so the batch stays full. One decode step is the model'
 norms, projections, MLP and rotary embedding, so the math is the model's) over a KV cache of fixed
 shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are
 captured once into a CUDA graph and replayed, so the host launches one graph instead of thousands of
-kernels. Sampling (temperature, top-k, top-p, repetition penalty) happens on the device with a
-counter-based hash as its random source: row r's token at step t depends on (seed, row id, t) only, so
-a row's sample does not depend on what it was batched with, and no host sync is needed per step.
+kernels. Sampling (temperature, top-k, top-p, repetition, presence and frequency penalties) happens on
+the device with a counter-based hash as its random source: row r's token at step t depends on (seed,
+row id, t) only, so a row's sample does not depend on what it was batched with, and no host sync is
+needed per step.
 The host syncs once per graph replay to harvest finished rows and admit new ones.
 
 CUDA out of memory (the KV cache, a prefill group, a graph capture) does not end the job: the rows in slots
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
 from airflow_hfllm.engine.layers import decoder_layer, prefill_attention, right_padded, text_config, text_model
-from airflow_hfllm.engine.sampling import mix, row_seed
+from airflow_hfllm.engine.sampling import mix, penalise, row_seed
 from airflow_hfllm.engine.loading import LoadedModel
 from airflow_hfllm.config import GenerationParams
 
@@ -117,6 +118,7 @@ class FastEngine:
         self._shape = None  # (slots, max_len) of the allocated state
         self._graph = None
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
+        self._counted = bool(params.presence_penalty or params.frequency_penalty)
         self._early: list[tuple[Any, Completion]] = []  # rows that end before taking a slot (vision: bad image)
         self._block: dict[int, int] = {}  # see stream()
 
@@ -134,7 +136,8 @@ class FastEngine:
         elif self.device.type == "cuda":
             self._release()
             free, _ = torch.cuda.mem_get_info(self.device)
-            per_slot = max_len * kv_bytes_per_token(self.model, self.dtype) + self.vocab * 8
+            per_slot = (max_len * kv_bytes_per_token(self.model, self.dtype)
+                        + self.vocab * (12 if self._counted else 8))
             # Leave room for prefill activations and the allocator.
             slots = int(max(0, free - 6 * 2**30) * 0.85 // per_slot)
             slots = max(8, min(256, slots // 8 * 8))
@@ -145,7 +148,7 @@ class FastEngine:
     def _release(self) -> None:
         self._graph = None
         self._shape = None
-        for name in ("k_cache", "v_cache", "presence", "out"):
+        for name in ("k_cache", "v_cache", "presence", "counts", "out"):
             if hasattr(self, name):
                 delattr(self, name)
         from airflow_hfllm.engine.cache import free_memory
@@ -173,6 +176,8 @@ class FastEngine:
         self.out = torch.zeros((slots, max_len), dtype=torch.long, device=dev)
         self.presence = (torch.zeros((slots, self.vocab), dtype=torch.bool, device=dev)
                          if self.params.repetition_penalty != 1.0 else None)
+        # how often each slot's row generated each token, for the presence and frequency penalties
+        self.counts = torch.zeros((slots, self.vocab), device=dev) if self._counted else None
         self.arange_slots = torch.arange(slots, device=dev)
         self.arange_len = torch.arange(max_len, device=dev)
         self.arange_vocab = torch.arange(self.vocab, device=dev)
@@ -240,7 +245,7 @@ class FastEngine:
         return self.model.lm_head(self.base.norm(x[:, 0])).float()
 
     # -- sampling ------------------------------------------------------------------------------------
-    def _pick(self, logits, seeds, step, generated, presence):
+    def _pick(self, logits, seeds, step, counts, presence):
         """Next tokens [n] from logits [n, V]; ``step`` [n] is the index of the token being drawn."""
         import torch
 
@@ -248,6 +253,8 @@ class FastEngine:
         if presence is not None:
             penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(presence, penalised, logits)
+        if counts is not None:
+            logits = penalise(logits, counts, p.presence_penalty, p.frequency_penalty)
         if p.min_length and self.eos:
             early = (step < p.min_length)[:, None] & torch.isin(self.arange_vocab, self.eos_tensor)[None, :]
             logits = logits.masked_fill(early, float("-inf"))
@@ -273,12 +280,14 @@ class FastEngine:
 
         for _ in range(count):
             logits = self._decode_logits()
-            nxt = self._pick(logits, self.seeds, self.n_gen, None, self.presence)
+            nxt = self._pick(logits, self.seeds, self.n_gen, self.counts, self.presence)
             live = ~self.done
             col = self.n_gen.clamp(max=self.out.shape[1] - 1)
             self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
             if self.presence is not None:
                 self.presence[self.arange_slots, nxt] |= live
+            if self.counts is not None:
+                self.counts.scatter_add_(1, nxt[:, None], live[:, None].to(self.counts.dtype))
             self.n_gen += live.long()
             finished = torch.isin(nxt, self.eos_tensor) | (self.n_gen >= self.max_new)
             self.done |= live & finished
@@ -297,14 +306,17 @@ class FastEngine:
             started = time.monotonic()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            saved = [t.clone() for t in (self.tokens, self.pos, self.n_gen, self.done, self.out)]
+            # the warm-up step is a real one: undo it (the penalties' tensors too, or it would count twice)
+            state = [t for t in (self.tokens, self.pos, self.n_gen, self.done, self.out, self.presence, self.counts)
+                     if t is not None]
+            saved = [t.clone() for t in state]
             with torch.cuda.stream(stream), torch.inference_mode():
                 self._steps(1)  # warm-up: lazy inits and autotuning outside the graph
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.inference_mode(), torch.cuda.graph(graph):
                 self._steps(self.steps_per_sync)
-            for t, s in zip((self.tokens, self.pos, self.n_gen, self.done, self.out), saved):
+            for t, s in zip(state, saved):
                 t.copy_(s)
             self._graph = graph
             self.capture_seconds += time.monotonic() - started
@@ -530,6 +542,9 @@ class FastEngine:
         first = self._pick(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
         if self.presence is not None:
             self.presence[slot_idx, first] = True
+        if self.counts is not None:  # the first token was drawn before the row had generated anything
+            self.counts[slot_idx] = 0
+            self.counts[slot_idx, first] = 1
         self.tokens[slot_idx] = first
         self.pos[slot_idx] = lengths
         self.rope_offset[slot_idx] = 0 if offsets is None else offsets

@@ -75,8 +75,10 @@ def default_token_budget(loaded: LoadedModel) -> int:
     return max(2048, min(4_000_000, int(0.5 * free / per_token)))
 
 
-def generate_kwargs(params: GenerationParams, pad: int, eos: list[int], tokenizer, max_new: int) -> dict:
-    """``generate()`` arguments for ``params`` (as :class:`BatchedGenerator` passes them)."""
+def generate_kwargs(params: GenerationParams, pad: int, eos: list[int], tokenizer, max_new: int, width: int
+                    ) -> dict:
+    """``generate()`` arguments for ``params`` (as :class:`BatchedGenerator` passes them), for prompts
+    left-padded to ``width`` tokens."""
     kwargs = dict(max_new_tokens=max_new, do_sample=params.do_sample, use_cache=params.use_cache,
                   pad_token_id=pad, eos_token_id=eos, num_beams=params.num_beams)
     if params.do_sample:
@@ -91,7 +93,27 @@ def generate_kwargs(params: GenerationParams, pad: int, eos: list[int], tokenize
         kwargs["length_penalty"] = params.length_penalty
     if params.stop:
         kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    if params.presence_penalty or params.frequency_penalty:
+        kwargs["logits_processor"] = penalties(params, width)
     return kwargs
+
+
+def penalties(params: GenerationParams, width: int):
+    """The presence and frequency penalties as a logits processor (transformers has none), over the tokens
+    after ``width``: ``generate()`` runs it after the repetition penalty, before temperature, top-k and top-p."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from airflow_hfllm.engine.sampling import penalise
+
+    class Penalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            generated = input_ids[:, width:]
+            ones = torch.ones_like(generated, dtype=scores.dtype)
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, ones)
+            return penalise(scores, counts, params.presence_penalty, params.frequency_penalty)
+
+    return LogitsProcessorList([Penalties()])
 
 
 class BatchedGenerator:
@@ -195,7 +217,7 @@ class BatchedGenerator:
             attention_mask[n, width - len(ids):] = 1
         device = model.device if hasattr(model, "device") else self.loaded.device
         max_new = max(requests[i].max_new_tokens for i in batch)
-        kwargs = generate_kwargs(p, self.pad, self.eos, tokenizer, max_new)
+        kwargs = generate_kwargs(p, self.pad, self.eos, tokenizer, max_new, width)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = model.generate(

@@ -1,5 +1,6 @@
 """The fast engine's random source: a row's seed from (job seed, row id), and a counter-based hash of
-(row seed, step, token), so a row's sample depends on neither its batch nor any RNG state."""
+(row seed, step, token), so a row's sample depends on neither its batch nor any RNG state. And the
+presence and frequency penalties, shared by the fast engine and ``generate()``."""
 
 from __future__ import annotations
 
@@ -21,3 +22,9 @@ def mix(x):
     x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
     x = x ^ (x >> 32 & 0xFFFFFFFF)
     return x
+
+
+def penalise(logits, counts, presence: float, frequency: float):
+    """OpenAI's presence and frequency penalties on logits [n, V], ``counts`` [n, V] being how often each row
+    has generated each token (its prompt does not count, as in OpenAI's API and vLLM)."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)

@@ -98,7 +98,7 @@ class VisionGenerator(BatchedGenerator):
         model = self.loaded.model
         device = model.device if hasattr(model, "device") else self.loaded.device
         kwargs = generate_kwargs(self.params, self.pad, self.eos, self.loaded.tokenizer,
-                                 max(requests[i].max_new_tokens for i in rows))
+                                 max(requests[i].max_new_tokens for i in rows), width)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = model.generate(**inputs.to(device), **kwargs)
