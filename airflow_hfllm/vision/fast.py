@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_hfllm.engine.fast import FastEngine
-from airflow_hfllm.engine.generate import Completion, Request
+from airflow_hfllm.engine.generate import Request
 from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.scheduler import Row
 from airflow_hfllm.config import GenerationParams
 from airflow_hfllm.vision.images import ImageLoader, decode_images
 from airflow_hfllm.vision.processor import LoadedProcessor
@@ -77,8 +78,8 @@ class VisionFastEngine(FastEngine):
                     future.cancel()
                 self._pool, self._queued, self._futures, self._ready = None, [], {}, {}
 
-    def _enqueue(self, item) -> None:
-        self._queued.append(item[1])
+    def _enqueue(self, row: Row) -> None:
+        self._queued.append(row.request)
         self._submit()
 
     def _submit(self) -> None:
@@ -112,13 +113,12 @@ class VisionFastEngine(FastEngine):
             pixels = pixels.pin_memory()
         return _Pixels(expanded, pixels, out["image_grid_thw"])
 
-    def _row_ready(self, item, window: list) -> bool:
+    def _prepare(self, row: Row) -> str | None:
         """Wait for the row's images (only rows about to be prefilled are waited for, so the GPU prefills
-        one group while worker threads prepare the next); a row whose images failed leaves ``window``
-        with an error."""
-        tag, request, _ = item
+        one group while worker threads prepare the next); their error if they failed."""
+        request = row.request
         if id(request) in self._ready:
-            return True
+            return None
         future = self._futures.pop(id(request), None)
         if future is None:  # beyond the prefetch window: prepare it now, in a worker all the same
             self._queued.remove(request)
@@ -128,12 +128,10 @@ class VisionFastEngine(FastEngine):
         self.image_wait_seconds += time.monotonic() - started
         self._submit()
         if isinstance(got, str):
-            window.remove(item)
-            self._early.append((tag, Completion(None, 0, "error", got)))
-            return False
+            return got
         request.input_ids = got.ids  # the exact length, for slot sizing and longest-first order
         self._ready[id(request)] = got
-        return True
+        return None
 
     def stats(self) -> dict:
         return {**super().stats(), "image_wait_seconds": round(self.image_wait_seconds, 3),

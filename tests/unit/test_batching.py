@@ -65,3 +65,45 @@ def test_per_row_max_new_tokens_and_stop_strings(tiny_lm):
     assert stop not in cut.text
     assert long_row.text.startswith(cut.text)
     assert cut.finish_reason == "stop"
+
+
+def test_scheduler_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, airflow_hfllm.engine.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_scheduler_admits_block_by_block_and_requeues_first():
+    from airflow_hfllm.engine.scheduler import FINISHED, RUNNING, WAITING, Scheduler
+
+    lengths = [3, 9, 5, 40, 7, 8, 2]  # the 40-token prompt never fits the 30-token slots
+    entered = []
+    sched = Scheduler(((i, Request([0] * n, 2), f"k{i}") for i, n in enumerate(lengths)), lookahead=3,
+                      enqueue=entered.append, prepare=lambda row: "bad image" if row.tag == 4 else None)
+    sched.refill()
+    assert [r.tag for r in sched.waiting] == [0, 1, 2] and [r.block for r in sched.waiting] == [0, 0, 0]
+    sched.resize(2, 30)
+    sched.refill()  # 2 slots: still up to max(lookahead, 2 x slots) waiting
+    assert len(sched.waiting) == 4 and not sched.needs_plan()
+    # longest first within the first block of arrivals; budget 20 tokens = 2 rows of 10
+    group = sched.admit(20)
+    assert [(s, r.tag) for s, r in group] == [(0, 1), (1, 2)] and all(r.status == RUNNING for _, r in group)
+    assert sched.admit(20) == []  # no free slot
+    done = sched.release(0)
+    assert done.tag == 1 and done.status == FINISHED
+    sched.refill()
+    assert [r.tag for _, r in sched.admit(20)] == [0]  # block 0 before the longer rows of block 1
+    running = sched.preempt()
+    assert [r.tag for r in running] == [0, 2] and sched.slots == [] and sched.needs_plan()
+    sched.requeue(running)
+    sched.resize(3, 30)
+    sched.refill()
+    assert [r.tag for _, r in sched.admit(1000)] == [2, 0, 5]  # requeued rows go first (block 0)
+    sched.release(1)
+    # row 4's images fail: it ends without a slot, and the next row takes the slot
+    assert [(s, r.tag) for s, r in sched.admit(1000)] == [(1, 6)]
+    assert sched.take_ended()[0][1].error == "bad image" and sched.take_ended() == []
+    assert [(r.tag, r.status) for r in sched.waiting] == [(3, WAITING)] and sched.needs_plan()  # 40 tokens
+    assert [r.tag for r in entered] == [0, 1, 2, 3, 4, 5, 0, 2, 6]
