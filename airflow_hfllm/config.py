@@ -1,56 +1,180 @@
-"""What to load and how to generate: plain, hashable values with no heavy imports."""
+"""Every parameter of a job, written once: its default, its check, its help, and how the operators
+(``base_model``) and the CLI (``--model``) spell it where that differs from its name.
+
+Plain values with no heavy imports: DAG parsing builds the operators' signatures from here. An
+interface reads :func:`options` and wires every field in one loop, so a new parameter is one field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KINDS = ("text", "vision")
+DEFAULT_MIN_PIXELS = 224 * 28 * 28  # the spec's
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+# Where the kinds differ: vision rows are heavier (smaller parts), and the spec's image model was greedy.
+KIND_DEFAULTS = {"vision": {"chunk_rows": 256, "do_sample": False}}
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, cli: str | None = None,
+           operator: str | None = None, templated: bool = False, kinds: tuple = KINDS,
+           choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None,
+           metavar: str | None = None, since: int = 1) -> Any:
+    """A dataclass field with what the interfaces need to know about it.
+
+    :param cli: the CLI flag (default ``--name-with-dashes``); ``""`` keeps it off the CLI.
+    :param operator: the operator's argument (default the name); ``""`` keeps it off the operators.
+    :param templated: an Airflow template field.
+    :param kinds: the job kinds that take it.
+    :param choices, minimum, maximum: checked here, for every interface.
+    :param since: the fingerprint format that added it: a later one is described only when set, so a
+        folder written before it existed resumes (see :func:`identity`).
+    """
+    meta = dict(help=help, cli=cli, operator=operator, templated=templated, kinds=kinds, choices=choices,
+                minimum=minimum, maximum=maximum, metavar=metavar, since=since)
+    return field(default=default, metadata={"option": meta})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One field as the interfaces see it."""
+
+    name: str
+    type: type
+    many: bool  # a sequence: repeatable on the CLI
+    optional: bool  # None allowed
+    default: Any
+    help: str
+    cli: str
+    operator: str
+    templated: bool
+    kinds: tuple
+    choices: tuple | None
+    minimum: float | None
+    maximum: float | None
+    metavar: str | None
+
+    def default_for(self, kind: str | None) -> Any:
+        return KIND_DEFAULTS.get(kind, {}).get(self.name, self.default)
+
+    def coerce(self, value: Any) -> Any:
+        """A value as an Airflow template renders it (a string) in the field's type."""
+        if value is None or not isinstance(value, str):
+            return tuple(value) if self.many and value is not None else value
+        if self.many:
+            return (value,)
+        if value == "" and self.optional:
+            return None
+        if self.type is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{self.operator or self.name} must be true or false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        if self.type in (int, float):
+            try:
+                return self.type(value)
+            except ValueError:
+                raise ValueError(f"{self.operator or self.name} must be a number, got {value!r}") from None
+        return value
+
+
+def options(cls, kind: str | None = None) -> list[Option]:
+    """The fields of a config class that ``kind`` takes (all of them when ``None``)."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("option")
+        if meta is None or (kind is not None and kind not in meta["kinds"]):
+            continue
+        base, optional, many = _unwrap(hints[f.name])
+        found.append(Option(
+            name=f.name, type=base, many=many, optional=optional,
+            default=f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING,
+            help=meta["help"], cli="--" + f.name.replace("_", "-") if meta["cli"] is None else meta["cli"],
+            operator=f.name if meta["operator"] is None else meta["operator"], templated=meta["templated"],
+            kinds=meta["kinds"], choices=meta["choices"], minimum=meta["minimum"], maximum=meta["maximum"],
+            metavar=meta["metavar"]))
+    return found
+
+
+def _unwrap(hint) -> tuple[type, bool, bool]:
+    """(base type, None allowed, a sequence) of ``int | None``, ``tuple[str, ...]``, ``Sequence[Any]``."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list, Sequence, typing.Sequence) or hint in (tuple, list):
+        return (typing.get_args(hint) or (Any,))[0], optional, True
+    return hint, optional, False
+
+
+def check(obj) -> None:
+    """The checks every field declares: choices and bounds."""
+    for opt in options(type(obj)):
+        value = getattr(obj, opt.name)
+        if value is None:
+            continue
+        if opt.choices is not None and value not in opt.choices:
+            raise ValueError(f"{opt.name} must be one of {', '.join(map(repr, opt.choices))}, got {value!r}")
+        if opt.minimum is not None and value < opt.minimum:
+            raise ValueError(f"{opt.name} must be >= {opt.minimum:g}, got {value}")
+        if opt.maximum is not None and value > opt.maximum:
+            raise ValueError(f"{opt.name} must be <= {opt.maximum:g}, got {value}")
+
+
+def identity(obj) -> dict:
+    """What a config contributes to an output folder's fingerprint: every field, except those added
+    after the first format while they are at their default (so that adding one rebuilds nothing)."""
+    described = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("option", {}).get("since", 1) > 1 and value == f.default:
+            continue
+        described[f.name] = list(value) if isinstance(value, tuple) else value
+    return described
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Identity of a loaded model: the model cache key.
+    """Identity of a loaded model: the model cache key. ``task`` is the Auto class to load with
+    (``causal-lm``, ``seq2seq``, ``classifier`` or ``vision``). Options that change nothing are set to
+    one value, so that equal models get one key: ``double_quant`` is ``None`` unless 4-bit, and a
+    quantized adapter is never merged (merging LoRA into bitsandbytes weights would re-quantize them)."""
 
-    :param model: hub id or local folder.
-    :param revision: hub revision (branch, tag or commit).
-    :param dtype: ``auto`` means bf16 on GPU and fp32 on CPU; quantized, fp16 for 8-bit and bf16 for 4-bit
-        (see :func:`airflow_hfllm.engine.loading.device_and_dtype`).
-    :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; 4-bit is nf4). ``True`` means
-        8-bit, as in the spec.
-    :param double_quant: 4-bit only: also quantize the quantization constants (saves ~0.4 bit per
-        weight). ``None`` means on. Part of the key: it changes the weights.
-    :param adapter: PEFT adapter (hub id or folder) loaded over the model.
-    :param merge_adapter: merge the adapter into the weights (merged weights generate faster, and the
-        fast engine can run them). Ignored, and set to ``False``, when quantized.
-    :param trust_remote_code: run code shipped with the model; off unless asked.
-    :param task: ``causal-lm``, ``seq2seq``, ``classifier`` or ``vision``: the Auto class to load with.
-    """
-
-    model: str
-    revision: str | None = None
-    dtype: str = "auto"
-    quantization: str | None = None
-    double_quant: bool | None = None
-    adapter: str | None = None
-    merge_adapter: bool = True
-    trust_remote_code: bool = False
+    model: str = option(help="hub id or local folder of the model", cli="--model", operator="base_model",
+                        templated=True)
+    revision: str | None = option(None, "model revision: branch, tag or commit", templated=True)
+    dtype: str = option("auto", "auto: bfloat16 on a GPU (float16 where unsupported, and for 8bit), float32 on "
+                                "the CPU", choices=DTYPES)
+    quantization: str | None = option(None, "bitsandbytes: 8bit or 4bit (nf4); True means 8bit, as in the spec",
+                                      choices=QUANTIZATIONS)
+    double_quant: bool | None = option(True, "4bit: also quantize the quantization constants (~0.4 bit less "
+                                             "per weight)", kinds=("text",))
+    adapter: str | None = option(None, "PEFT adapter (hub id or folder) loaded over the model",
+                                 cli="--peft-model", operator="peft_model", templated=True, kinds=("text",))
+    merge_adapter: bool = option(True, "merge the adapter into the weights (faster; never when quantized)",
+                                 kinds=("text",))
+    trust_remote_code: bool = option(False, "run code shipped with the model")
     task: str = "causal-lm"
 
     def __post_init__(self):
         quantization = normalize_quantization(self.quantization)
         object.__setattr__(self, "quantization", quantization)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check(self)
         object.__setattr__(self, "adapter", self.adapter or None)
-        # Options that change nothing are set to one value, so that equal models get one cache key.
         object.__setattr__(self, "double_quant", (self.double_quant is not False) if quantization == "4bit" else None)
         if not self.adapter:
             object.__setattr__(self, "merge_adapter", True)
         elif quantization:
-            # Merging LoRA weights into bitsandbytes weights would re-quantize them (and lose precision).
             object.__setattr__(self, "merge_adapter", False)
 
     def to_dict(self) -> dict:
@@ -79,35 +203,34 @@ class GenerationParams:
     prompt and so depended on padding). ``length_penalty`` only matters with beam search.
     """
 
-    max_new_tokens: int = 1024
-    do_sample: bool = True
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    min_length: int | None = None
-    use_cache: bool = True
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    length_penalty: float = 1.0
+    max_new_tokens: int = option(1024, "tokens to generate per row (a max_new_tokens column overrides it per "
+                                       "row)", templated=True, minimum=1)
+    do_sample: bool = option(True, "sample (off: greedy decoding)", cli="--sample")
+    temperature: float = option(0.6, "sampling temperature", templated=True)
+    top_p: float = option(0.9, "nucleus sampling mass, in (0, 1]")
+    top_k: int = option(50, "top-k sampling (0: off)", minimum=0)
+    repetition_penalty: float = option(1.0, "divides the logits of tokens in the prompt or output so far "
+                                            "(1.0: none)", minimum=0)
+    presence_penalty: float = option(0.0, "subtracted from the logits of tokens the output already holds "
+                                          "(OpenAI's)", minimum=-2, maximum=2, since=2)
+    frequency_penalty: float = option(0.0, "subtracted from a token's logit once per time the output already "
+                                           "holds it (OpenAI's)", minimum=-2, maximum=2, since=2)
+    min_length: int | None = option(None, "minimum new tokens", minimum=0)
+    use_cache: bool = option(True, "KV cache during generation (batched generate() only)", cli="")
+    seed: int | None = option(None, "sampling seed (none: one is drawn, kept in the output folder and reused by "
+                                    "retries)")
+    stop: tuple[str, ...] = option((), "stop string (repeatable)")
+    length_penalty: float = option(1.0, "beam search only", cli="")
     num_beams: int = 1
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        elif self.stop is None:
-            object.__setattr__(self, "stop", ())
         else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        check(self)
         if self.do_sample and self.temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -121,6 +244,77 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class JobConfig:
+    """How a job reads its rows, batches them, checks them and writes them (the kinds share these)."""
+
+    id_column: str = option("id", "unique join key column")
+    prompt_column: str | None = option("prompt", "prompt string column")
+    messages_column: str | None = option(None, "chat messages column (list of {role, content}), instead of the "
+                                               "prompt column", kinds=("text",))
+    max_new_tokens_column: str = option("max_new_tokens", "column of per-row max new tokens (null: the job's)")
+    system_prompt: str | None = option(None, "system message for every row without one of its own", templated=True)
+    prompt_template: str | None = option(
+        None, 'Jinja building each row\'s prompt from the row as ``row`` ("Summarise: {{ row.text }}") and, under '
+              "Airflow, the task's context ({{ ds }}); the values it reads are part of the fingerprint",
+        templated=True)
+    keep_columns: tuple[str, ...] = option((), "input column copied to the output (repeatable)", cli="--keep-column")
+    chunk_rows: int = option(1000, "rows per input chunk and output part (the unit of resume)", minimum=1)
+    batch_size: int | None = option(None, "cap on rows per batch (none: a token budget decides)", minimum=1)
+    token_budget: int | None = option(None, "batched generate(): padded tokens per batch (none: from free memory)",
+                                      minimum=1)
+    max_prompt_tokens: int | None = option(
+        None, "longest prompt accepted; longer rows get an error (none: the model's context minus the row's max new "
+              "tokens)", operator="max_padding_length", minimum=1)
+    safety_checkers: tuple[Any, ...] = option(
+        (), "safety checker on prompt and output text: salesforce:MODEL, classifier:MODEL, llama-guard:MODEL or "
+            "blocklist:FILE (the operators also take dicts and SafetyChecker objects)",
+        cli="--safety", metavar="KIND:MODEL", templated=True)
+    on_unsafe_output: str = option("redact", "redact: an unsafe output is written as null; keep: written, flagged",
+                                   choices=("redact", "keep"))
+    max_error_rate: float = option(0.05, "fail (after writing everything) when more than this share of rows "
+                                         "ended in error", minimum=0, maximum=1)
+    engine: str = option("auto", "auto: the fast engine on a GPU when the model allows (continuous batching, "
+                                 "CUDA graphs), else batched generate()", choices=("auto", "fast", "batched"))
+    input_fingerprint: str = option(
+        "metadata", "how a changed input is noticed: metadata (size and etag/mtime) or content (a SHA-256 of every "
+                    "input file, read each run: for files rewritten with size and mtime kept)",
+        choices=("metadata", "content"))
+    replace_foreign_files: bool = option(False, "delete files in the output folder this package did not write "
+                                                "(off: such a folder is refused)")
+    progress_every: float = option(5.0, "seconds between progress lines", minimum=0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep_columns", tuple(self.keep_columns or ()))
+        checkers = self.safety_checkers
+        object.__setattr__(self, "safety_checkers", (checkers,) if isinstance(checkers, (str, dict))
+                           else tuple(checkers or ()))
+        check(self)
+        if len(set(self.keep_columns)) != len(self.keep_columns):
+            raise ValueError(f"keep columns named more than once: {list(self.keep_columns)}")
+
+
+@dataclass(frozen=True)
+class VisionOptions:
+    """How a vision job reads and resizes its images (Qwen2-VL / Qwen2.5-VL)."""
+
+    image_column: str = option("image", "image column: a path or URI (local, file://, s3://..., "
+                                        "data:image/...;base64,), image bytes, or a list of those", kinds=("vision",))
+    min_pixels: int = option(DEFAULT_MIN_PIXELS, "fewest pixels of a resized image (the spec's 224*28*28)",
+                             templated=True, kinds=("vision",), minimum=1)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "most pixels of a resized image (the spec's 1280*28*28)",
+                             templated=True, kinds=("vision",), minimum=1)
+    allow_http_images: bool = option(False, "fetch http(s):// images (off: such rows get an error)",
+                                     kinds=("vision",))
+    max_image_bytes: int = option(DEFAULT_MAX_BYTES, "largest encoded image accepted", kinds=("vision",), minimum=1)
+    image_backend: str = option("auto", "auto: qwen_vl_utils where it imports (needs torchvision), else the PIL "
+                                        "implementation of the same resize", choices=("auto", "qwen-vl-utils", "pil"),
+                                kinds=("vision",))
+
+    def __post_init__(self):
+        check(self)  # min_pixels <= max_pixels: ImageLoader's, which also serves the processor's own bounds
+
+
+@dataclass(frozen=True)
 class HubOptions:
     """Where and how to reach the hub. Not part of the cache key; the token is never logged.
 
@@ -130,9 +324,9 @@ class HubOptions:
     :param local_files_only: never touch the network (air-gapped workers).
     """
 
-    cache_dir: str | None = None
+    cache_dir: str | None = option(None, "HF cache folder (none: HFLLM_CACHE_DIR, else HF_HOME)", operator="")
     token: str | None = field(default=None, repr=False)
-    local_files_only: bool = False
+    local_files_only: bool = option(False, "never reach the hub (also when HF_HUB_OFFLINE=1)", operator="")
 
     @classmethod
     def from_env(cls) -> "HubOptions":
@@ -145,3 +339,7 @@ class HubOptions:
 
     def kwargs(self) -> dict:
         return {"cache_dir": self.cache_dir, "token": self.token, "local_files_only": self.local_files_only}
+
+
+# What the operators and the CLI build, in this order.
+CONFIGS = (ModelSpec, GenerationParams, JobConfig, VisionOptions, HubOptions)

@@ -1,12 +1,16 @@
-"""What the generate operators share: parameters, hub connection, GPU claim, failure handling, assets."""
+"""What the generate operators share: parameters (from :mod:`airflow_hfllm.config`), hub connection,
+GPU claim, failure handling, assets."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from airflow_hfllm.config import CONFIGS, JobConfig, Option, VisionOptions, options
 from airflow_hfllm.hooks.huggingface import HuggingFaceHook
 
 if TYPE_CHECKING:
@@ -24,71 +28,64 @@ def fs_and_path(location) -> tuple[Any, str]:
     return path.fs, path.path
 
 
+def config_options(kind: str) -> list[tuple[type, Option]]:
+    """The job parameters an operator of ``kind`` takes, each with its config class."""
+    return [(cls, opt) for cls in CONFIGS for opt in options(cls, kind) if opt.operator]
+
+
+def operator_signature(kind: str, init) -> inspect.Signature:
+    """``init``'s signature with every job parameter of ``kind`` as a keyword argument with its default,
+    so that Airflow's ``default_args``, ``partial()`` and ``expand()`` know them."""
+    own = list(inspect.signature(init).parameters.values())
+    taken = {p.name for p in own}
+    added = [inspect.Parameter(opt.operator, inspect.Parameter.KEYWORD_ONLY, annotation=opt.type,
+                               default=inspect.Parameter.empty if opt.default is dataclasses.MISSING
+                               else opt.default_for(kind))
+             for _, opt in config_options(kind) if opt.operator not in taken]
+    required = [p for p in added if p.default is inspect.Parameter.empty]
+    optional = [p for p in added if p.default is not inspect.Parameter.empty]
+    return inspect.Signature([*own[:-1], *required, *optional, own[-1]])
+
+
+def operator_doc(kind: str) -> str:
+    """The ``:param:`` lines of every job parameter of ``kind``, from their help."""
+    lines = []
+    for _, opt in config_options(kind):
+        default = opt.default_for(kind)
+        shown = "" if default is dataclasses.MISSING or default in (None, ()) else f" Default: ``{default!r}``."
+        lines.append(f"    :param {opt.operator}: {opt.help}.{shown}{' Templated.' if opt.templated else ''}")
+    return "\n".join(lines) + "\n"
+
+
 class HFGenerateBaseOperator(BaseOperator):
     """
     Base of :class:`~airflow_hfllm.operators.text.HFTextGenerateOperator` and
-    :class:`~airflow_hfllm.operators.vision.HFVisionGenerateOperator`: subclasses build the job.
+    :class:`~airflow_hfllm.operators.vision.HFVisionGenerateOperator`, which set :attr:`kind`. Every
+    job parameter (model, generation, rows, safety, ...) is a keyword argument, listed with its default
+    in each operator's signature and docstring from :mod:`airflow_hfllm.config`. Besides those:
 
     :param input_path: Parquet file, folder or glob; local path, ``ObjectStoragePath`` or URI
         (``s3://conn_id@bucket/key``). Templated.
     :param output_path: output folder, same forms. Templated (e.g. ``.../ds={{ ds }}``).
-    :param base_model: hub id or local folder of the model. Templated.
-    :param quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes); ``True`` means 8-bit.
-    :param enable_salesforce_content_safety: check prompts and outputs with ``salesforce_safety_model``.
-        Templated.
-    :param salesforce_safety_model: the seq2seq safety model for the shorthand above.
-    :param safety_checkers: more checkers: ``"KIND:MODEL"`` strings, dicts or ``SafetyChecker`` objects
-        (or a template rendering to such a list).
-    :param on_unsafe_output: ``"redact"`` (output null) or ``"keep"``.
-    :param id_column: unique join key column.
-    :param prompt_column: prompt string column.
-    :param system_prompt: system message for every row. Templated.
-    :param prompt_template: Jinja building each row's prompt, rendered by the job once per row with the
-        row as ``row`` (``"Summarise: {{ row.text | trim }}"``) and this task's template context
-        (``{{ ds }}``, ``{{ params.x }}``, the DAG's ``user_defined_macros``); the values it reads from
-        the context are part of the output's fingerprint. A column it reads that the input lacks fails
-        the task before any model loads. The UI's Rendered Templates tab shows it as written.
-    :param keep_columns: input columns copied to the output.
-    :param chunk_rows: rows per input chunk and output part (the unit of retry).
-    :param batch_size: cap on rows per GPU batch; a token budget does the rest.
-    :param max_new_tokens: tokens to generate per row (a ``max_new_tokens`` column overrides per row).
-        Templated.
-    :param do_sample: sample (True) or greedy (False).
-    :param temperature: sampling temperature. Templated.
-    :param top_p: nucleus sampling mass.
-    :param top_k: top-k sampling (0 turns it off).
-    :param repetition_penalty: 1.0 is none.
-    :param min_length: minimum new tokens.
-    :param length_penalty: beam search only.
-    :param use_cache: KV cache during generation.
-    :param seed: sampling seed; ``None`` draws one, recorded in the manifest and reused by retries.
-    :param stop: stop strings.
-    :param max_padding_length: longest prompt in tokens; longer rows get an ``error``.
-    :param dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16``, ``float32``.
-    :param revision: model revision.
-    :param trust_remote_code: run code shipped with the model (off by default).
+    :param enable_salesforce_content_safety: check prompts and outputs with ``salesforce_safety_model``
+        (the spec's switch). Templated.
+    :param salesforce_safety_model: the seq2seq safety model for the switch above.
     :param hf_conn_id: ``huggingface`` connection: token, cache dir, offline flag.
-    :param max_error_rate: fail the task (after writing) when more rows than this share end in error.
-    :param progress_every: seconds between progress lines in the task log.
-    :param engine: ``auto`` (the fast engine on a GPU when the model allows: continuous batching, static
-        KV cache, CUDA-graph decode; else padded ``generate()`` batches), ``fast`` or ``batched``.
-    :param input_fingerprint: ``metadata`` (each input file's size and etag or mtime) or ``content``
-        (a SHA-256 of every input file, read on each run: notices files rewritten in place with size and
-        mtime kept, as ``cp -p`` and ``rsync -t`` do).
-    :param replace_foreign_files: delete files in the output folder that this package did not write
-        (off: such a folder is refused, since its readers would mix those files with the rows).
     :param shard: one entry of :class:`~airflow_hfllm.operators.shards.HFShardPlanOperator`'s plan (use
         ``.expand_kwargs(plan.output)``): this task then generates its own chunks only and writes a
         shard summary; :class:`~airflow_hfllm.operators.shards.HFMergeShardsOperator` writes the manifest.
     :param output_asset: an ``Asset`` (or its URI) for the output root, added to ``outlets``: each run
         emits an asset event whose extra names the partition written (logical date or run id), the
         output folder and the counts, so downstream DAGs can be scheduled on it.
+
+    ``prompt_template`` is rendered by the job once per row, with the row as ``row`` and this task's
+    template context (``{{ ds }}``, ``{{ params.x }}``, the DAG's ``user_defined_macros``); a column it
+    reads that the input lacks fails the task before any model loads. The UI's Rendered Templates tab
+    shows it as written.
     """
 
-    template_fields: Sequence[str] = (
-        "input_path", "output_path", "base_model", "revision", "system_prompt", "prompt_template",
-        "max_new_tokens", "temperature", "safety_checkers", "enable_salesforce_content_safety",
-    )
+    kind = ""
+    _own_template_fields = ("input_path", "output_path", "enable_salesforce_content_safety")
     template_fields_renderers = {"prompt_template": "jinja", "system_prompt": "md"}
 
     def __init__(
@@ -96,44 +93,18 @@ class HFGenerateBaseOperator(BaseOperator):
         *,
         input_path: Any,
         output_path: Any,
-        base_model: str,
-        quantization: bool | str | None = None,
         enable_salesforce_content_safety: bool = False,
         salesforce_safety_model: str = "Salesforce/safety-flan-t5-base",
-        safety_checkers: Sequence[Any] | str = (),
-        on_unsafe_output: str = "redact",
-        id_column: str = "id",
-        prompt_column: str | None = "prompt",
-        system_prompt: str | None = None,
-        prompt_template: str | None = None,
-        keep_columns: Sequence[str] = (),
-        chunk_rows: int = 1000,
-        batch_size: int | None = None,
-        max_new_tokens: int | str = 1024,
-        do_sample: bool = True,
-        temperature: float | str = 0.6,
-        top_p: float = 0.9,
-        top_k: int = 50,
-        repetition_penalty: float = 1.0,
-        min_length: int | None = None,
-        length_penalty: float = 1.0,
-        use_cache: bool = True,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        max_padding_length: int | None = None,
-        dtype: str = "auto",
-        revision: str | None = None,
-        trust_remote_code: bool = False,
         hf_conn_id: str | None = HuggingFaceHook.default_conn_name,
-        max_error_rate: float = 0.05,
-        progress_every: float = 5.0,
-        engine: str = "auto",
-        input_fingerprint: str = "metadata",
-        replace_foreign_files: bool = False,
         shard: dict | None = None,
         output_asset: Any = None,
         **kwargs,
     ):
+        given = {}
+        for _, opt in config_options(self.kind):
+            given[opt.operator] = kwargs.pop(opt.operator, opt.default_for(self.kind))
+            if given[opt.operator] is dataclasses.MISSING:
+                raise TypeError(f"missing keyword argument {opt.operator!r}")
         if output_asset is not None:
             from airflow.sdk import Asset
 
@@ -141,46 +112,24 @@ class HFGenerateBaseOperator(BaseOperator):
                 output_asset = Asset(uri=str(output_asset), name=str(output_asset))
             kwargs["outlets"] = [*kwargs.get("outlets", []), output_asset]
         super().__init__(**kwargs)
+        for name, value in given.items():
+            setattr(self, name, value)
         self.input_path = input_path
         self.output_path = output_path
-        self.base_model = base_model
-        self.quantization = quantization
         self.enable_salesforce_content_safety = enable_salesforce_content_safety
         self.salesforce_safety_model = salesforce_safety_model
-        self.safety_checkers = safety_checkers  # a list, or a template rendering to one
-        self.on_unsafe_output = on_unsafe_output
-        self.id_column = id_column
-        self.prompt_column = prompt_column
-        self.system_prompt = system_prompt
-        self.prompt_template = prompt_template
-        self.keep_columns = list(keep_columns)
-        self.chunk_rows = chunk_rows
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.do_sample = do_sample
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.repetition_penalty = repetition_penalty
-        self.min_length = min_length
-        self.length_penalty = length_penalty
-        self.use_cache = use_cache
-        self.seed = seed
-        self.stop = list(stop or [])
-        self.max_padding_length = max_padding_length
-        self.dtype = dtype
-        self.revision = revision
-        self.trust_remote_code = trust_remote_code
         self.hf_conn_id = hf_conn_id
-        self.max_error_rate = max_error_rate
-        self.progress_every = progress_every
-        self.engine = engine
-        self.input_fingerprint = input_fingerprint
-        self.replace_foreign_files = replace_foreign_files
         self.shard = shard
         self.output_asset = output_asset
         self._job = None
         self._manifest = None  # kept for the OpenLineage facets of the finished run
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            cls.template_fields = (*cls._own_template_fields,
+                                   *(opt.operator for _, opt in config_options(cls.kind) if opt.templated))
+            cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Job parameters:\n\n" + operator_doc(cls.kind)
 
     def _do_render_template_fields(self, parent, template_fields, context, jinja_env, seen_oids) -> None:
         # Rendered here, {{ row.text }} would be undefined: the job renders prompt_template per row,
@@ -195,52 +144,30 @@ class HFGenerateBaseOperator(BaseOperator):
         return HuggingFaceHook(hf_conn_id=self.hf_conn_id)
 
     def build_job(self, context: Context):
-        """The job this task runs (a :class:`~airflow_hfllm.jobs.Job`)."""
-        raise NotImplementedError
+        """The job this task runs: its parameters as set on this task, with templates rendered."""
+        from airflow_hfllm.config import GenerationParams, ModelSpec
 
-    def job_arguments(self, context: Context) -> dict:
-        """The :class:`~airflow_hfllm.jobs.Job` arguments every kind shares."""
-        from airflow_hfllm.config import GenerationParams
-
+        values = {cls: {} for cls in CONFIGS}
+        for cls, opt in config_options(self.kind):
+            values[cls][opt.name] = opt.coerce(getattr(self, opt.operator))
+        flat = {**values[JobConfig], **values[VisionOptions]}
+        if self.enable_salesforce_content_safety in (True, "True", "true"):
+            flat["safety_checkers"] = (f"salesforce:{self.salesforce_safety_model}", *flat["safety_checkers"])
         input_fs, input_path = fs_and_path(self.input_path)
         output_fs, output_path = fs_and_path(self.output_path)
-        checkers = self.safety_checkers
-        checkers = [checkers] if isinstance(checkers, str) else list(checkers or [])
-        if self.enable_salesforce_content_safety in (True, "True", "true"):
-            checkers.insert(0, f"salesforce:{self.salesforce_safety_model}")
-        return dict(
-            input=input_path,
-            input_fs=input_fs,
-            output=output_path,
-            output_fs=output_fs,
-            params=GenerationParams(
-                max_new_tokens=int(self.max_new_tokens), do_sample=self.do_sample,
-                temperature=float(self.temperature), top_p=self.top_p, top_k=self.top_k,
-                repetition_penalty=self.repetition_penalty, min_length=self.min_length,
-                use_cache=self.use_cache, seed=self.seed, stop=tuple(self.stop),
-                length_penalty=self.length_penalty,
-            ),
-            id_column=self.id_column,
-            prompt_column=self.prompt_column,
-            system_prompt=self.system_prompt or None,
-            prompt_template=self.prompt_template or None,
-            template_context=self._template_context(context) if self.prompt_template else {},
-            keep_columns=self.keep_columns,
-            chunk_rows=self.chunk_rows,
-            batch_size=self.batch_size,
-            max_prompt_tokens=self.max_padding_length,
-            safety_checkers=checkers,
-            on_unsafe_output=self.on_unsafe_output,
-            max_error_rate=self.max_error_rate,
-            hub=self.hook.get_conn(),
-            run_info=self._run_info(context),
-            logger=self.log,
-            progress_every=self.progress_every,
-            engine=self.engine,
-            input_fingerprint=self.input_fingerprint,
-            replace_foreign_files=self.replace_foreign_files,
-            shard=self.shard,
-        )
+        arguments = dict(
+            input=input_path, input_fs=input_fs, output=output_path, output_fs=output_fs,
+            model=ModelSpec(**values[ModelSpec]), params=GenerationParams(**values[GenerationParams]),
+            template_context=self._template_context(context) if flat["prompt_template"] else {},
+            hub=self.hook.get_conn(), run_info=self._run_info(context), logger=self.log, shard=self.shard, **flat)
+        if self.kind == "vision":
+            from airflow_hfllm.vision.job import VisionJob
+
+            # image URIs on the manifest's object store are read with its connection
+            return VisionJob(image_fs=input_fs, **arguments)
+        from airflow_hfllm.run.job import TextJob
+
+        return TextJob(**arguments)
 
     @staticmethod
     def _template_context(context: Context) -> dict:
@@ -266,7 +193,7 @@ class HFGenerateBaseOperator(BaseOperator):
         from airflow_hfllm.engine.generate import Cancelled
         from airflow_hfllm.gpu import claim_gpu
         from airflow_hfllm.io.dataset import InputError
-        from airflow_hfllm.jobs import ErrorRateExceeded
+        from airflow_hfllm.run.job import ErrorRateExceeded
 
         # Before anything starts CUDA: on a worker with several GPUs, take one no other task holds.
         self._gpu = claim_gpu()
@@ -306,7 +233,7 @@ class HFGenerateBaseOperator(BaseOperator):
 
         return {"model": self.base_model, "revision": self.revision or None, "dtype": self.dtype,
                 "quantization": normalize_quantization(self.quantization),
-                "adapter": getattr(self, "peft_model", None) or None}
+                "adapter": getattr(self, "peft_model", None) or None}  # vision operators take none
 
     def _lineage(self, manifest: dict | None):
         # Only the OpenLineage provider calls these methods: its imports stay out of DAG parsing.

@@ -41,7 +41,7 @@ class HFShardPlanOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict]:
         from airflow_hfllm.io.dataset import Dataset
-        from airflow_hfllm.io.shards import plan_shards
+        from airflow_hfllm.run.shards import plan_shards
 
         fs, path = fs_and_path(self.input_path)
         dataset = Dataset.open(path, fs, required=[self.id_column, *self.required_columns], id_column=self.id_column)
@@ -73,7 +73,7 @@ class HFMergeShardsOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict:
         from airflow_hfllm.io.parts import OutputDir
-        from airflow_hfllm.io.shards import merge_shards
+        from airflow_hfllm.run.manifest import merge_shards
 
         fs, path = fs_and_path(self.output_path)
         if fs is None:
@@ -81,10 +81,9 @@ class HFMergeShardsOperator(BaseOperator):
 
             fs, path = to_fs(path)
         manifest = merge_shards(OutputDir(fs, path))
-        self.log.info("merged %d shards: %d rows in %d parts", len(manifest["shards"]), manifest["counts"]["rows"],
-                      len(manifest["parts"]))
-        self._manifest = manifest
-        return manifest
+        self.log.info("merged %d shards: %d rows in %d parts", len(manifest.shards), manifest.rows, len(manifest.parts))
+        self._manifest = manifest.to_dict()
+        return self._manifest
 
     def get_openlineage_facets_on_start(self):
         from airflow_hfllm.operators.lineage import merge_lineage

@@ -1,7 +1,5 @@
 """Vision-language generation (Qwen2.5-VL and alike), one concept a module:
 
-* :mod:`~airflow_hfllm.vision.defaults`: the default pixel bounds and byte cap (no imports: the job and
-  operator modules read them without loading the rest).
 * :mod:`~airflow_hfllm.vision.sources`: manifest cells -> image sources, the scheme policy, reading bytes.
 * :mod:`~airflow_hfllm.vision.resize`: Qwen's ``smart_resize`` arithmetic, the ``qwen_vl_utils`` and PIL resizes.
 * :mod:`~airflow_hfllm.vision.images`: :class:`~airflow_hfllm.vision.images.ImageLoader` (check, probe, load).
@@ -11,7 +9,8 @@
   batches of ``generate()``.
 * :mod:`~airflow_hfllm.vision.fast`: :class:`~airflow_hfllm.vision.fast.VisionFastEngine`, the fast engine over images.
 * :mod:`~airflow_hfllm.vision.attention`: packed attention for the vision tower.
-* :mod:`~airflow_hfllm.vision.job`: :class:`~airflow_hfllm.vision.job.VisionJob`, the job over an image manifest.
+* :mod:`~airflow_hfllm.vision.job`: :class:`~airflow_hfllm.vision.job.VisionKind` (what a vision row is) and
+  :class:`~airflow_hfllm.vision.job.VisionJob`, the job over an image manifest.
 
-Nothing is imported here: ``import airflow_hfllm.jobs`` and text jobs load none of it.
+Nothing is imported here: ``import airflow_hfllm.run.job`` and text jobs load none of it.
 """

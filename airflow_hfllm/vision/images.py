@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-from airflow_hfllm.vision.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from airflow_hfllm.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from airflow_hfllm.vision.resize import pil_resize, qwen_vl_utils_resize, smart_resize
 from airflow_hfllm.vision.sources import ImageError, ImageSource, SourceReader
 

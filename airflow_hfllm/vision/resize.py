@@ -13,7 +13,7 @@ import inspect
 import math
 from typing import Callable
 
-from airflow_hfllm.vision.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from airflow_hfllm.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from airflow_hfllm.vision.sources import ImageError
 
 MAX_RATIO = 200  # qwen_vl_utils refuses flatter images

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from airflow_hfllm.vision.defaults import DEFAULT_MAX_BYTES
+from airflow_hfllm.config import DEFAULT_MAX_BYTES
 
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss", "memory")
 HTTP_SCHEMES = ("http", "https")

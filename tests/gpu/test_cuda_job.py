@@ -10,7 +10,7 @@ from airflow_hfllm.engine.generate import BatchedGenerator, Request  # noqa: E40
 from airflow_hfllm.engine.loading import get_model  # noqa: E402
 from airflow_hfllm.engine.prompts import encode  # noqa: E402
 from airflow_hfllm.config import GenerationParams, ModelSpec  # noqa: E402
-from airflow_hfllm.jobs import TextJob  # noqa: E402
+from airflow_hfllm.run.job import TextJob  # noqa: E402
 from tests.conftest import prompt_text, write_prompts  # noqa: E402
 
 

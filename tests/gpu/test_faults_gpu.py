@@ -29,7 +29,7 @@ from airflow_hfllm.engine.cache import MODEL_CACHE  # noqa: E402
 from airflow_hfllm.engine.generate import Cancelled  # noqa: E402
 from airflow_hfllm.engine.loading import get_model  # noqa: E402
 from airflow_hfllm.config import GenerationParams, ModelSpec  # noqa: E402
-from airflow_hfllm.jobs import TextJob  # noqa: E402
+from airflow_hfllm.run.job import TextJob  # noqa: E402
 from tests.conftest import write_prompts  # noqa: E402
 
 MiB = 2**20

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 
 BLOCKED_TERM = "zanzibarquux"
 CHUNK_ROWS = 4

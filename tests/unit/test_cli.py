@@ -119,11 +119,11 @@ def test_help_lists_the_tiny_kinds_without_importing_torch():
 def test_sample_switch_on_both_commands_with_the_operators_defaults():
     common = ["--model", "m", "--input", "i", "--output", "o"]
     parse = build_parser().parse_args
-    assert parse(["text", *common]).sample is True
-    assert parse(["text", *common, "--no-sample"]).sample is False
-    assert parse(["vision", *common]).sample is False  # greedy, as the vision operator
-    assert parse(["vision", *common, "--sample"]).sample is True
-    assert parse(["vision", *common, "--no-sample"]).sample is False
+    assert parse(["text", *common]).do_sample is True
+    assert parse(["text", *common, "--no-sample"]).do_sample is False
+    assert parse(["vision", *common]).do_sample is False  # greedy, as the vision operator
+    assert parse(["vision", *common, "--sample"]).do_sample is True
+    assert parse(["vision", *common, "--no-sample"]).do_sample is False
     assert parse(["vision", *common]).chunk_rows == 256 and parse(["text", *common]).chunk_rows == 1000
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.parts import OutputDir
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import WORDS
 
 # A short context makes "longer than the context" cheap to build, and caps what a row asking for a

@@ -23,7 +23,7 @@ from airflow_hfllm.engine.loading import load
 from airflow_hfllm.engine.prompts import encode
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.parts import OutputDir
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=4, do_sample=False)

@@ -13,7 +13,7 @@ import pytest
 from airflow_hfllm.engine.generate import Cancelled
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import InputError
-from airflow_hfllm.jobs import ErrorRateExceeded, TextJob
+from airflow_hfllm.run.job import ErrorRateExceeded, TextJob
 from tests.conftest import write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=12, do_sample=False)
@@ -187,9 +187,7 @@ def test_cancel_stops_between_batches(tiny_lm, tmp_path):
     write_prompts(tmp_path / "in" / "a.parquet", 40)
     j = job(tiny_lm, tmp_path, batch_size=2)
     seen = threading.Event()
-    original = j.progress_every
-    assert original > 0
-    import airflow_hfllm.jobs as jobs_module
+    import airflow_hfllm.run.job as jobs_module
 
     class StopAfterFirstBatch(jobs_module.Progress):
         def batch(self, rows, tokens):
@@ -197,24 +195,21 @@ def test_cancel_stops_between_batches(tiny_lm, tmp_path):
             seen.set()
             j.cancel()
 
-    j_progress = jobs_module.Progress
-    jobs_module.Progress = StopAfterFirstBatch
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs_module, "Progress", StopAfterFirstBatch)
         with pytest.raises(Cancelled):
             j.run()
-    finally:
-        jobs_module.Progress = j_progress
     assert seen.is_set()
     assert not list((tmp_path / "out").glob("part-*.parquet"))
 
 
 def test_text_jobs_do_not_import_the_vision_package(tiny_lm, tmp_path):
-    """``import airflow_hfllm.jobs`` and a whole TextJob load no vision code (VisionJob lives in
+    """``import airflow_hfllm.run.job`` and a whole TextJob load no vision code (VisionJob lives in
     ``airflow_hfllm.vision.job``)."""
     write_prompts(tmp_path / "in" / "p.parquet", 3)
     code = (
         "import sys\n"
-        "import airflow_hfllm.jobs as jobs\n"
+        "import airflow_hfllm.run.job as jobs\n"
         "loaded = lambda: sorted(m for m in sys.modules if m.startswith('airflow_hfllm.vision.'))\n"
         "print(loaded())\n"
         "from airflow_hfllm.config import GenerationParams, ModelSpec\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from airflow_hfllm.testing.models import make_tiny_model
 
 LEGACY = Path(__file__).parent.parent / "data" / "legacy-v1"

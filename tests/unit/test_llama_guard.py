@@ -7,7 +7,7 @@ import torch
 
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from airflow_hfllm.safety import KINDS, SafetyChecker, Verdict, make_checker
 from airflow_hfllm.safety.llama_guard import CATEGORIES, LlamaGuardChecker, parse_categories
 from airflow_hfllm.testing.models import make_tiny_model

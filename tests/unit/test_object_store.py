@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import write_prompts
 
 

@@ -15,7 +15,7 @@ from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.engine.prompts import encode
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import prompt_text, write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=12, do_sample=False)

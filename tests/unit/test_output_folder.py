@@ -14,7 +14,7 @@ import pytest
 from airflow_hfllm.io.dataset import InputError
 from tests.conftest import write_prompts
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.unit.test_job import GREEDY, job
 
 

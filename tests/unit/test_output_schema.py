@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_hfllm.io.dataset import Dataset, InputError
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import prompt_text
 from tests.unit.test_job import job
 

@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import airflow_hfllm.jobs as jobs_module
+import airflow_hfllm.engine.loading as loading
 from airflow_hfllm.engine.prompts import PromptBuilder, RowError, describe_value
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import InputError
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 
 GREEDY = GenerationParams(max_new_tokens=4, do_sample=False)
 
@@ -23,7 +23,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(jobs_module, "get_model", refuse)
+    monkeypatch.setattr(loading, "get_model", refuse)
 
 
 def text_input(tmp_path, **columns) -> str:

@@ -17,7 +17,7 @@ from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model, same_model
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import prompt_text, write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=16, do_sample=False)

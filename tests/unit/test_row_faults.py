@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import prompt_text
 from tests.unit.test_job import GREEDY, job, read
 

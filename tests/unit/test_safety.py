@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.job import TextJob
 from airflow_hfllm.safety import SafetyChecker, Verdict, judge, make_checker
 from airflow_hfllm.safety.base import windows
 from airflow_hfllm.safety.blocklist import BlocklistChecker

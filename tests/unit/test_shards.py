@@ -8,8 +8,9 @@ import pytest
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
 from airflow_hfllm.io.parts import OutputDir
-from airflow_hfllm.io.shards import merge_shards, plan_shards
-from airflow_hfllm.jobs import TextJob
+from airflow_hfllm.run.manifest import merge_shards
+from airflow_hfllm.run.shards import plan_shards
+from airflow_hfllm.run.job import TextJob
 from tests.conftest import write_prompts
 
 SAMPLE = GenerationParams(max_new_tokens=8, do_sample=True, temperature=1.0)
@@ -38,7 +39,7 @@ def test_shards_write_disjoint_parts_and_merge(tiny_lm, tmp_path):
     summaries = [shard_job(s).run() for s in reversed(plan)]  # order does not matter
     assert not (tmp_path / "out" / "_manifest.json").exists()
     assert sorted(s["shard"]["index"] for s in summaries) == [0, 1, 2]
-    manifest = merge_shards(OutputDir(*to_fs(str(tmp_path / "out"))))
+    manifest = merge_shards(OutputDir(*to_fs(str(tmp_path / "out")))).to_dict()
     assert manifest["counts"]["rows"] == 47 and len(manifest["parts"]) == 10 and len(manifest["shards"]) == 3
     assert json.loads((tmp_path / "out" / "_manifest.json").read_text()) == manifest
     sharded = pd.read_parquet(tmp_path / "out").sort_values("id").reset_index(drop=True)
@@ -58,7 +59,7 @@ def test_shards_write_disjoint_parts_and_merge(tiny_lm, tmp_path):
     assert again["counts"]["rows"] == plan[1]["rows"]
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("part-*.parquet")}
     assert {k for k in after if after[k] != stamps.get(k)} == {"part-00004.parquet"}
-    assert merge_shards(OutputDir(*to_fs(str(tmp_path / "out"))))["counts"]["rows"] == 47
+    assert merge_shards(OutputDir(*to_fs(str(tmp_path / "out")))).to_dict()["counts"]["rows"] == 47
 
 
 def test_merge_refuses_missing_parts(tiny_lm, tmp_path):
@@ -67,5 +68,5 @@ def test_merge_refuses_missing_parts(tiny_lm, tmp_path):
     TextJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=ModelSpec(tiny_lm),
             params=SAMPLE, chunk_rows=5, shard=plan[0]).run()
     with pytest.raises(RuntimeError, match="parts missing"):
-        merge_shards(OutputDir(*to_fs(str(tmp_path / "out"))))
+        merge_shards(OutputDir(*to_fs(str(tmp_path / "out")))).to_dict()
     assert not (tmp_path / "out" / "_manifest.json").exists()

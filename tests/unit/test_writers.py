@@ -14,8 +14,10 @@ import pytest
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.io.dataset import Dataset, to_fs
 from airflow_hfllm.io.parts import OutputDir
-from airflow_hfllm.io.shards import merge_shards, plan_shards
-from airflow_hfllm.jobs import Job, Superseded, TextJob
+from airflow_hfllm.run.manifest import merge_shards
+from airflow_hfllm.run.shards import plan_shards
+from airflow_hfllm.run.job import Superseded, TextJob
+from airflow_hfllm.run.state import FolderState
 from tests.conftest import write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=4, do_sample=False)
@@ -40,7 +42,7 @@ def test_a_frozen_attempt_of_an_older_job_never_overwrites_its_finished_successo
     out = tmp_path / "out"
     write_prompts(tmp_path / "in" / "a.parquet", 100)
     paused, resume = threading.Event(), threading.Event()
-    check_owner, write_part = Job._check_owner, OutputDir.write_part
+    check_owner, write_part = FolderState.check_owner, OutputDir.write_part
     writes = []
 
     def freeze_old_attempt():
@@ -61,7 +63,7 @@ def test_a_frozen_attempt_of_an_older_job_never_overwrites_its_finished_successo
             writes.append(record)
         return record
 
-    monkeypatch.setattr(Job, "_check_owner", check_owner_frozen)
+    monkeypatch.setattr(FolderState, "check_owner", check_owner_frozen)
     monkeypatch.setattr(OutputDir, "write_part", write_part_frozen)
     old_error = []
 
@@ -115,7 +117,7 @@ def shard_run(tiny_lm, tmp_path, shards: int) -> dict:
     plan = plan_shards(Dataset.open(str(tmp_path / "in")), chunk_rows=5, shards=shards)
     for shard in plan:
         text_job(tiny_lm, tmp_path, chunk_rows=5, shard=shard).run()
-    return merge_shards(OutputDir(*to_fs(str(tmp_path / "out"))))
+    return merge_shards(OutputDir(*to_fs(str(tmp_path / "out")))).to_dict()
 
 
 def test_sharded_rerun_with_fewer_shards_after_the_input_changed(tiny_lm, tmp_path):

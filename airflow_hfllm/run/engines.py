@@ -1,0 +1,107 @@
+"""Which engine runs a job, and one way to drive either: started chunks in, generated chunks out.
+
+The fast engine takes all chunks as one stream of rows, so its batch stays full across chunk
+boundaries, and a chunk comes out as soon as all its rows are done; the batched ``generate()`` path
+runs a chunk at a time, seeded per chunk as it always was (so its folders keep resuming).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Callable, Iterable, Iterator
+
+from airflow_hfllm.run.rows import Chunk
+
+Generated = tuple[Chunk, dict]  # a chunk, and its rows' completions by position
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:6], "big")
+
+
+class Driver:
+    """One engine behind the job loop's single interface."""
+
+    name = ""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
+        raise NotImplementedError
+
+    @property
+    def compile_seconds(self) -> float:
+        return getattr(self.generator, "capture_seconds", 0.0)
+
+    def stats(self) -> dict | None:
+        stats = getattr(self.generator, "stats", None)
+        return stats() if stats else None
+
+
+class BatchedDriver(Driver):
+    name = "batched-generate"
+
+    def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
+        for chunk in chunks:
+            todo = [i for i, row in enumerate(chunk.rows) if row.request is not None]
+            completions = self.generator.generate([chunk.rows[i].request for i in todo],
+                                                  seed=chunk_seed(seed, chunk.index),
+                                                  keys=[chunk.rows[i].key for i in todo]) if todo else []
+            yield chunk, dict(zip(todo, completions))
+
+
+class StreamDriver(Driver):
+    name = "fast"
+
+    def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
+        open_chunks: dict[int, tuple[Chunk, dict, int]] = {}
+        ready: list[int] = []
+
+        def rows():
+            for chunk in chunks:
+                todo = [i for i, row in enumerate(chunk.rows) if row.request is not None]
+                open_chunks[chunk.index] = (chunk, {}, len(todo))
+                if not todo:  # nothing to generate (all rows unsafe or bad): out with the next result
+                    ready.append(chunk.index)
+                for i in todo:
+                    yield (chunk.index, i), chunk.rows[i].request, chunk.rows[i].key
+
+        def flush():
+            while ready:
+                chunk, completions, _ = open_chunks.pop(ready.pop(0))
+                yield chunk, completions
+
+        for (index, i), completion in self.generator.stream(rows(), seed=seed):
+            _, completions, wanted = open_chunks[index]
+            completions[i] = completion
+            if len(completions) == wanted:
+                ready.append(index)
+            yield from flush()
+        yield from flush()
+        if open_chunks:  # every row the engine took must come back
+            raise RuntimeError(f"fast engine returned no result for rows of chunks {sorted(open_chunks)}")
+
+
+def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_batch, log: logging.Logger,
+           model_name: str) -> Driver:
+    """The fast engine where the model and device allow (or ``engine='fast'`` asks), else batched
+    ``generate()``; the log says which and why."""
+    from airflow_hfllm.engine.fast import unsupported_reason
+
+    common = dict(should_stop=should_stop, on_batch=on_batch)
+    (fast, fast_kwargs), batched = kind.engines(loaded, params, config, **common)
+    reason = "asked for" if config.engine == "batched" else unsupported_reason(loaded, kind.vision)
+    if reason is None and config.engine == "auto" and loaded.device.type != "cuda":
+        reason = "no GPU (the fast engine's CUDA graphs need one)"
+    if reason is None:
+        log.info("engine: fast (continuous batching, static KV cache%s) on %s",
+                 ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
+        return StreamDriver(fast(loaded, params, slots=config.batch_size, **common, **fast_kwargs))
+    if config.engine == "fast":
+        raise ValueError(f"engine='fast' cannot run {model_name}: {reason}")
+    generator = batched()
+    log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
+             loaded.device, generator.max_batch_size, generator.token_budget, reason)
+    return BatchedDriver(generator)
