@@ -6,7 +6,10 @@ Layout (every name a reader must skip starts with ``_``)::
     _commits/part-00000.json     written after the part: its job fingerprint and counts
     _job.json                    fingerprint and the drawn seed, so retries reuse it
     _attempts/attempt-*.json     one per attempt (start, finish, what it wrote)
+    _shards/shard-NNNNN.json     a shard's summary (and .job.json, its state), in sharded runs
     _manifest.json               written last
+
+The names are the constants below; what the job files hold is :mod:`airflow_hfllm.run.state`'s.
 
 A part counts as done only when its commit record carries the current fingerprint and the part still
 has the size and SHA-256 its record says (a part truncated or rewritten afterwards is redone). Locally
@@ -37,9 +40,11 @@ import pyarrow.parquet as pq
 from airflow_hfllm.io.dataset import InputError
 
 
+COMMITS, ATTEMPTS, SHARDS, STATE, MANIFEST = "_commits", "_attempts", "_shards", "_job.json", "_manifest.json"
 PART = re.compile(r"part-(\d{5})\.parquet")
 # What a job writes at the top of its folder; everything else is foreign.
-OURS = re.compile(r"part-\d{5}\.parquet|_commits|_attempts|_shards|_job\.json|_manifest\.json|_tmp-.*")
+OURS = re.compile("|".join([r"part-\d{5}\.parquet", r"_tmp-.*",
+                            *(re.escape(name) for name in (COMMITS, ATTEMPTS, SHARDS, STATE, MANIFEST))]))
 
 
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -141,7 +146,7 @@ class OutputDir:
     # -- parts ---------------------------------------------------------------------------------
     def commits(self) -> dict[int, dict]:
         """Commit records by part index."""
-        folder = self.join("_commits")
+        folder = self.join(COMMITS)
         if not self.fs.exists(folder):
             return {}
         out = {}
@@ -163,7 +168,7 @@ class OutputDir:
         data = buffer.getvalue()
         record = {**record, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self._write_atomic(self.join(part_name(index)), data)
-        self.write_json(f"_commits/part-{index:05d}.json", record)
+        self.write_json(f"{COMMITS}/part-{index:05d}.json", record)
         return record
 
     def intact(self, index: int, record: dict) -> bool:
@@ -203,7 +208,7 @@ class OutputDir:
         return names
 
     def remove_part(self, index: int) -> None:
-        for path in (self.join(part_name(index)), self.join("_commits", f"part-{index:05d}.json")):
+        for path in (self.join(part_name(index)), self.join(COMMITS, f"part-{index:05d}.json")):
             if self.fs.exists(path):
                 self.fs.rm(path)
 
@@ -221,7 +226,7 @@ class OutputDir:
         """Leftovers of writers killed mid-write: those of dead processes on this host, and from other
         hosts once they are an hour old. A live writer's (another attempt running now, a shard) stay."""
         now = time.time()
-        for path in self.fs.glob(self.join("_tmp-*")) + self.fs.glob(self.join("_commits", "_tmp-*")):
+        for path in self.fs.glob(self.join("_tmp-*")) + self.fs.glob(self.join(COMMITS, "_tmp-*")):
             writer = TEMP.match(posixpath.basename(path))
             if writer is None or (writer["host"] == HOST and not _alive(int(writer["pid"]))):
                 dead = True
@@ -238,7 +243,7 @@ class OutputDir:
 
     # -- attempts ------------------------------------------------------------------------------
     def attempts(self) -> list[dict]:
-        folder = self.join("_attempts")
+        folder = self.join(ATTEMPTS)
         if not self.fs.exists(folder):
             return []
         records = []

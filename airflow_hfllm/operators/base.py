@@ -239,6 +239,9 @@ class HFGenerateBaseOperator(BaseOperator):
         # Only the OpenLineage provider calls these methods: its imports stay out of DAG parsing.
         from airflow_hfllm.operators.lineage import generate_lineage
 
+        from airflow_hfllm.run.manifest import Manifest
+
+        manifest = Manifest.from_dict(manifest) if manifest else None
         return generate_lineage(self.input_path, self.output_path, self._model_spec_for_lineage(), manifest,
                                 output_files=fs_and_path(self.output_path), log=self.log)
 

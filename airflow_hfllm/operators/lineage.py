@@ -26,6 +26,8 @@ from airflow.providers.common.compat.openlineage.facet import (
 )
 from airflow.providers.openlineage.extractors import OperatorLineage
 
+from airflow_hfllm.run.manifest import Manifest
+
 try:  # newer openlineage-python only; the compat module does not re-export it
     from openlineage.client.generated.input_statistics_input_dataset import InputStatisticsInputDatasetFacet
 except ImportError:  # pragma: no cover - old client
@@ -140,48 +142,44 @@ def output_fields(fs, folder: str, part: str) -> list[SchemaDatasetFacetFields]:
     return [SchemaDatasetFacetFields(name=field.name, type=str(field.type)) for field in schema]
 
 
-def run_facet(manifest: dict) -> GenerationRunFacet:
+def run_facet(manifest: Manifest) -> GenerationRunFacet:
     """A generate task's manifest, or the merged manifest of a sharded run, as a run facet."""
-    counts = manifest["counts"]
-    shard = manifest.get("shard")
     return GenerationRunFacet(
-        counts={k: counts[k] for k in ("rows", "generated", "unsafe_prompt", "unsafe_output", "errors")},
-        tokens=dict(manifest["tokens"]),
-        parts=len(manifest["parts"]),
-        seconds=manifest.get("seconds"),
-        generate_seconds=manifest.get("generate_seconds"),
-        load_seconds=manifest.get("load_seconds"),
-        output_tokens_per_second=manifest.get("output_tokens_per_second"),
-        engine=manifest.get("engine"),
-        device=manifest.get("device"),
-        fingerprint=manifest.get("fingerprint"),
-        generation={k: manifest["generation"].get(k) for k in GENERATION_KEYS},
-        safety_checkers=[str(c.get("checker")).split(":")[0] for c in manifest["safety"]],
-        shard=shard["index"] if shard else None,
+        counts={k: manifest.counts[k] for k in ("rows", "generated", "unsafe_prompt", "unsafe_output", "errors")},
+        tokens=dict(manifest.tokens),
+        parts=len(manifest.parts),
+        seconds=manifest.seconds,
+        generate_seconds=manifest.generate_seconds,
+        load_seconds=manifest.load_seconds,
+        output_tokens_per_second=manifest.output_tokens_per_second,
+        engine=manifest.engine,
+        device=manifest.device,
+        fingerprint=manifest.fingerprint,
+        generation={k: manifest.generation.get(k) for k in GENERATION_KEYS},
+        safety_checkers=[str(c.get("checker")).split(":")[0] for c in manifest.safety],
+        shard=manifest.shard["index"] if manifest.shard else None,
     )
 
 
-def generate_lineage(input_path: Any, output_path: Any, spec: dict, manifest: dict | None = None,
+def generate_lineage(input_path: Any, output_path: Any, spec: dict, manifest: Manifest | None = None,
                      output_files: tuple = (None, ""), log=None) -> OperatorLineage:
     """Lineage of one generate task. Without a manifest (start, or a failed run) only the datasets;
     with it, also the output's schema (read from ``output_files``, the fsspec filesystem and folder)
     and statistics and the run's counts."""
     inputs = [InputDataset(*dataset_id(input_path))]
-    inputs += model_datasets(manifest["model"] if manifest else spec, manifest["safety"] if manifest else [])
+    inputs += model_datasets(manifest.model if manifest else spec, manifest.safety if manifest else [])
     output = OutputDataset(*dataset_id(output_path))
     if manifest is None:
         return OperatorLineage(inputs=inputs, outputs=[output])
 
-    counts = manifest["counts"]
-    shard = manifest.get("shard")
     if InputStatisticsInputDatasetFacet is not None:
         inputs[0].inputFacets["inputStatistics"] = InputStatisticsInputDatasetFacet(
-            rowCount=counts["rows"], fileCount=None if shard else manifest["input"]["files"])
+            rowCount=manifest.rows, fileCount=None if manifest.shard else manifest.input["files"])
     output.outputFacets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(
-        rowCount=counts["rows"], fileCount=len(manifest["parts"]))
-    if manifest["parts"]:
+        rowCount=manifest.rows, fileCount=len(manifest.parts))
+    if manifest.parts:
         try:
-            output.facets["schema"] = SchemaDatasetFacet(fields=output_fields(*output_files, manifest["parts"][0]))
+            output.facets["schema"] = SchemaDatasetFacet(fields=output_fields(*output_files, manifest.parts[0]))
         except Exception as exc:  # lineage must never fail the task: the datasets still go out
             if log:
                 log.warning("OpenLineage: could not read the output schema: %s", type(exc).__name__)
@@ -192,13 +190,13 @@ def shard_plan_lineage(input_path: Any) -> OperatorLineage:
     return OperatorLineage(inputs=[InputDataset(*dataset_id(input_path))])
 
 
-def merge_lineage(output_path: Any, manifest: dict | None) -> OperatorLineage:
+def merge_lineage(output_path: Any, manifest: Manifest | None) -> OperatorLineage:
     """The merged output: its statistics and counts over every shard."""
     output = OutputDataset(*dataset_id(output_path))
     run_facets = {}
     if manifest is not None:
         output.outputFacets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(
-            rowCount=manifest["counts"]["rows"], fileCount=len(manifest["parts"]))
+            rowCount=manifest.rows, fileCount=len(manifest.parts))
         run_facets["hfllm_generation"] = run_facet(manifest)
     return OperatorLineage(outputs=[output], run_facets=run_facets)
 

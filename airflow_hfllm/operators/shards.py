@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from airflow.sdk import BaseOperator
 
+from airflow_hfllm.config import JobConfig
 from airflow_hfllm.operators.base import fs_and_path
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ class HFShardPlanOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("input_path", "shards")
 
-    def __init__(self, *, input_path: Any, shards: int | str, chunk_rows: int = 1000, id_column: str = "id",
+    def __init__(self, *, input_path: Any, shards: int | str, chunk_rows: int = JobConfig.chunk_rows,
+                 id_column: str = JobConfig.id_column,
                  required_columns: Sequence[str] = ("prompt",), seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.input_path = input_path
@@ -94,4 +96,6 @@ class HFMergeShardsOperator(BaseOperator):
         """The merged output's row and part counts over every shard."""
         from airflow_hfllm.operators.lineage import merge_lineage
 
-        return merge_lineage(self.output_path, self._manifest)
+        from airflow_hfllm.run.manifest import Manifest
+
+        return merge_lineage(self.output_path, Manifest.from_dict(self._manifest) if self._manifest else None)

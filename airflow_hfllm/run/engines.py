@@ -33,11 +33,10 @@ class Driver:
 
     @property
     def compile_seconds(self) -> float:
-        return getattr(self.generator, "capture_seconds", 0.0)
+        return 0.0
 
-    def stats(self) -> dict | None:
-        stats = getattr(self.generator, "stats", None)
-        return stats() if stats else None
+    def stats(self) -> dict:
+        return self.generator.stats()
 
 
 class BatchedDriver(Driver):
@@ -54,6 +53,10 @@ class BatchedDriver(Driver):
 
 class StreamDriver(Driver):
     name = "fast"
+
+    @property
+    def compile_seconds(self) -> float:  # CUDA-graph capture
+        return self.generator.capture_seconds
 
     def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
         open_chunks: dict[int, tuple[Chunk, dict, int]] = {}

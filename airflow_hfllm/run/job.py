@@ -139,8 +139,8 @@ class Job:
             output_tokens_per_second=round(facts["output_tokens"] / gen, 1) if gen else None,
             airflow=self.run_info or None, vision=self.kind.manifest() or None, **timings)
         if self.scope.shard is not None:  # a shard's summary: the merge step writes _manifest.json
-            manifest.shard = {**self.scope.shard, "chunks": [mine.start, mine.stop]}
-            manifest.attempts = [a for a in manifest.attempts if a.get("shard") == self.scope.shard["index"]]
+            manifest.shard = {**self.scope.shard.to_dict(), "chunks": [mine.start, mine.stop]}
+            manifest.attempts = [a for a in manifest.attempts if a.get("shard") == self.scope.shard.index]
         result = manifest.to_dict()
         out.write_json(self.scope.summary_name, result)
         totals = manifest.counts

@@ -20,13 +20,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from airflow_hfllm.io.parts import OutputDir
+from airflow_hfllm.io.parts import ATTEMPTS, MANIFEST, SHARDS, STATE, OutputDir
+from airflow_hfllm.run.shards import Shard
 
 FORMAT_VERSION = 1
-STATE = "_job.json"
-MANIFEST = "_manifest.json"
-ATTEMPTS = "_attempts"
-SHARDS = "_shards"
 
 
 class Superseded(RuntimeError):
@@ -66,32 +63,32 @@ class JobState:
         return {"fingerprint": self.fingerprint, "seed": self.seed, "version": self.version}
 
 
-@dataclass(frozen=True)
 class Scope:
-    """The chunks one job owns: all of them, or one shard's (``shard`` as the planner wrote it)."""
+    """The chunks one job owns: all of them, or one shard's."""
 
-    shard: dict | None = None
+    def __init__(self, shard: dict | None = None):
+        self.shard = None if shard is None else Shard.from_dict(shard)
 
     @property
     def state_name(self) -> str:
-        return STATE if self.shard is None else f"{SHARDS}/shard-{self.shard['index']:05d}.job.json"
+        return STATE if self.shard is None else f"{SHARDS}/shard-{self.shard.index:05d}.job.json"
 
     @property
     def summary_name(self) -> str:
-        return MANIFEST if self.shard is None else shard_summary(self.shard["index"])
+        return MANIFEST if self.shard is None else shard_summary(self.shard.index)
 
     def chunks(self, n: int) -> range:
         if self.shard is None:
             return range(n)
-        return range(min(self.shard["first_chunk"], n), min(self.shard["end_chunk"], n))
+        return range(min(self.shard.first_chunk, n), min(self.shard.end_chunk, n))
 
     def seed(self, asked: int | None) -> int | None:
         if asked is None and self.shard is not None:
-            return self.shard.get("seed")  # drawn once by the planner, shared by all shards
+            return self.shard.seed  # drawn once by the planner, shared by all shards
         return asked
 
     def describe(self, mine: range) -> str:
-        return "" if self.shard is None else f" (shard {self.shard['index']}: chunks {mine.start}-{mine.stop - 1})"
+        return "" if self.shard is None else f" (shard {self.shard.index}: chunks {mine.start}-{mine.stop - 1})"
 
 
 def committed_by(record: dict, fp: str, seed: int) -> bool:
@@ -186,7 +183,7 @@ class Attempt:
         self.name = f"{ATTEMPTS}/attempt-{self.started.replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
         self.record = {"started": self.started, "finished": None, "host": socket.gethostname(), "pid": os.getpid(),
                        "airflow": run_info, "parts_written": [],
-                       "shard": None if scope.shard is None else scope.shard["index"]}
+                       "shard": None if scope.shard is None else scope.shard.index}
         out.write_json(self.name, self.record)
 
     def wrote(self, index: int) -> None:
