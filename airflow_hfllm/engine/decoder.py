@@ -1,27 +1,25 @@
-"""The decoder stack of a Llama/Qwen2/Mistral-style model through its own modules, over the fast engine's
-static KV cache, and which models it can run (:func:`unsupported_reason`)."""
+"""The decoder stack of a model of one of :mod:`airflow_hfllm.engine.arch`'s families through its own
+modules, over the fast engine's static KV cache, and which models it can run (:func:`unsupported_reason`)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
-from airflow_hfllm.engine.layers import decoder_layer, text_config, text_model
+from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
+from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
 
 if TYPE_CHECKING:
     from airflow_hfllm.engine.loading import LoadedModel
-
-ARCHITECTURES = ("llama", "qwen2", "mistral")
-VISION_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
 
 
 def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     """Why the fast engine (``vision``: :class:`~airflow_hfllm.vision.fast.VisionFastEngine`) cannot
     run this model, or ``None`` when it can."""
     model = loaded.model
-    archs = VISION_ARCHITECTURES if vision else ARCHITECTURES
-    if model.config.model_type not in archs:
-        return f"architecture {model.config.model_type!r} is not one of {archs}"
+    reason = family_reason(model.config.model_type, vision)
+    if reason:
+        return reason
     cfg = text_config(model.config)
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or \
             getattr(cfg, "quantization_config", None):
@@ -29,15 +27,21 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     if type(model).__name__.startswith("Peft"):
         return "unmerged PEFT adapter"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ROPE_TYPES:
-        return f"rope type {rope.get('rope_type')!r}"
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-        return "sliding-window attention"
+    for params in (rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]):
+        if params.get("rope_type", params.get("type", "default")) not in ROPE_TYPES:
+            return f"rope type {params.get('rope_type')!r}"
     base = text_model(model)
     if base is None or not all(hasattr(base, a) for a in ("layers", "rotary_emb", "embed_tokens", "norm")) \
             or not hasattr(model, "lm_head"):
         return "unexpected module layout"
     return None
+
+
+def window_of(cfg, attn) -> int | None:
+    """The layer's sliding window (keys older than this many positions are masked), or ``None``."""
+    if hasattr(attn, "sliding_window"):  # set per layer from layer_types (None on global layers)
+        return attn.sliding_window
+    return getattr(cfg, "sliding_window", None)  # Mistral: every layer
 
 
 class Decoder:
@@ -53,13 +57,25 @@ class Decoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.windows = [window_of(cfg, layer.self_attn) for layer in self.layers]
+        # Gemma 3: one rotary module, a table per layer type (local layers have their own base)
+        takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+        self.layer_types = list(cfg.layer_types) if takes_type else None
+        self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+        if experts and next(model.parameters()).is_cuda and hasattr(model, "set_experts_implementation"):
+            # MoE inside the CUDA graph: grouped GEMMs over fixed shapes (offsets by histc), no host sync
+            model.set_experts_implementation("grouped_mm")
 
-    def rope(self, x, positions):
-        """cos, sin [n, T, head_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope)."""
+    def rope(self, x, positions, layer_type: str | None = None):
+        """cos, sin [n, T, rotary_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope)."""
         import torch
 
         if self.mrope_section and positions.dim() == 2:  # the same position on the t, h and w axes
             positions = positions[None].expand(3, -1, -1)
+        if layer_type is not None:
+            return self.base.rotary_emb(x, positions, layer_type)
         cos, sin = self.base.rotary_emb(x, positions)
         if cos.dim() == 4:  # older multimodal rope returns the three (t, h, w) tables; pick their sections
             sections = list(self.mrope_section) * 2
@@ -68,18 +84,49 @@ class Decoder:
         return cos, sin
 
     def _layers(self, x, positions, write, attend):
-        cos, sin = self.rope(x, positions)
-        for layer in self.layers:
+        if self.layer_types is None:
+            tables = [self.rope(x, positions)] * len(self.layers)
+        else:
+            by_type = {t: self.rope(x, positions, t) for t in set(self.layer_types)}
+            tables = [by_type[t] for t in self.layer_types]
+        for layer, (cos, sin) in zip(self.layers, tables):
             x = decoder_layer(layer, x, cos, sin, write, attend, (self.heads, self.kv_heads, self.head_dim))
         return x
+
+    def _logits(self, x):
+        logits = self.model.lm_head(self.base.norm(x)).float()
+        if self.final_softcap:
+            logits = (logits / self.final_softcap).tanh() * self.final_softcap
+        return logits
+
+    def _attention(self, q, k, v, mask, scale, causal: bool = False):
+        import torch
+        import torch.nn.functional as F
+
+        if not self.attn_softcap:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                  scale=scale, enable_gqa=self.kv_heads != self.heads)
+        # SDPA has no soft-capping: the scores are capped before the mask, as the model does
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        scores = (scores / self.attn_softcap).tanh() * self.attn_softcap
+        if mask is None and causal:
+            t = q.shape[-2]
+            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf")) if mask is not None else scores
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
     def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx):
         """Embedded prompts x [n, T, D], right-padded, into slots ``slot_idx``; returns last-position
         logits [n, V]."""
         import torch
-        import torch.nn.functional as F
 
         n, t, _ = x.shape
+        masks = {}
+        for window in set(self.windows) - {None}:
+            rows, cols = torch.arange(t, device=x.device)[:, None], torch.arange(t, device=x.device)[None, :]
+            masks[window] = (cols <= rows) & (cols > rows - window)
 
         def write(l, k, v):
             k_cache[l][slot_idx, :, :t] = k
@@ -87,28 +134,26 @@ class Decoder:
 
         def attend(l, q, k, v, scale):
             # Causal attention over the prompt itself; padding sits after each row's last token.
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                  enable_gqa=self.kv_heads != self.heads)
+            window = self.windows[l]
+            return self._attention(q, k, v, masks[window] if window else None, scale, causal=True)
 
         x = self._layers(x, positions, write, attend)
-        last = x[torch.arange(n, device=x.device), lengths - 1]
-        return self.model.lm_head(self.base.norm(last)).float()
+        return self._logits(x[torch.arange(n, device=x.device), lengths - 1])
 
     def decode(self, k_cache, v_cache, tokens, pos, rope_offset, slots, columns):
         """Logits [slots, V] after ``tokens`` [slots] at KV index ``pos`` (rope position ``pos + rope_offset``);
         ``slots`` and ``columns`` are aranges over the cache's first and third axes."""
-        import torch.nn.functional as F
-
         x = self.base.embed_tokens(tokens[:, None])
-        mask = (columns[None, :] <= pos[:, None])[:, None, None, :]
+        seen = columns[None, :] <= pos[:, None]
+        masks = {window: (seen & (columns[None, :] > pos[:, None] - window) if window else seen)[:, None, None, :]
+                 for window in set(self.windows)}
 
         def write(l, k, v):
             k_cache[l][slots, :, pos] = k[:, :, 0]
             v_cache[l][slots, :, pos] = v[:, :, 0]
 
         def attend(l, q, k, v, scale):
-            return F.scaled_dot_product_attention(q, k_cache[l], v_cache[l], attn_mask=mask, scale=scale,
-                                                  enable_gqa=self.kv_heads != self.heads)
+            return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale)
 
         x = self._layers(x, (pos + rope_offset)[:, None], write, attend)
-        return self.model.lm_head(self.base.norm(x[:, 0])).float()
+        return self._logits(x[:, 0])

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
 from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
-from airflow_hfllm.engine.layers import prefill_attention, right_padded
+from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
 from airflow_hfllm.engine.loading import LoadedModel

@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Sequence
 
 from airflow_hfllm.engine.fast import unsupported_reason
-from airflow_hfllm.engine.layers import right_padded
+from airflow_hfllm.engine.arch.layer import right_padded
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec

@@ -19,7 +19,7 @@ else keeps transformers' forward (:meth:`LlamaGuardChecker._run`).
 
 from __future__ import annotations
 
-from airflow_hfllm.engine.layers import decoder_layer, rotate_half, text_config, text_model
+from airflow_hfllm.engine.arch.layer import decoder_layer, rotate_half, text_config, text_model
 from airflow_hfllm.engine.loading import LoadedModel
 
 

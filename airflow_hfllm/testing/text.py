@@ -139,10 +139,13 @@ def _causal_lm(tok, verdict):
 
 
 def _init_wide(model) -> None:
-    """Wide random matrices (see :mod:`airflow_hfllm.testing.weights`): the reply depends on the prompt."""
+    """Wide random matrices (see :mod:`airflow_hfllm.testing.weights`): the reply depends on the prompt.
+    Experts stored as 3-D tensors (MoE) are the MLP's too."""
     for name, p in model.named_parameters():
         if name.endswith(".weight") and p.dim() == 2:
             p.normal_(0, STD.get(name.split(".")[-2], STD_MLP))
+        elif ".experts." in name and p.dim() == 3:
+            p.normal_(0, STD_MLP)
 
 
 def _calibrate_eos(model, tok) -> None:

@@ -9,7 +9,8 @@ is scaled (:func:`scale_eos`) so that only a few replies stop early.
 
 from __future__ import annotations
 
-STD = {"embed_tokens": 1.0, "lm_head": 1.0, "q_proj": 0.3, "k_proj": 0.3, "v_proj": 0.3, "o_proj": 0.3}
+STD = {"embed_tokens": 1.0, "lm_head": 1.0, "q_proj": 0.3, "k_proj": 0.3, "v_proj": 0.3, "qkv_proj": 0.3,
+       "o_proj": 0.3}
 STD_MLP = 0.15  # every other matrix of the language model (the MLP)
 EOS_STOP_FRACTION = 0.03
 

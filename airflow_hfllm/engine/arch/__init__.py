@@ -1,0 +1,53 @@
+"""The model families the fast engine runs, and what each needs of the layer code.
+
+One generic decoder layer (:mod:`airflow_hfllm.engine.arch.layer`) goes through each model's own modules
+and finds the family's differences on them; the attention masks (sliding windows per layer), per-layer
+rotary tables and soft-capping are the decoder's (:mod:`airflow_hfllm.engine.decoder`). This table is
+the coverage the docs show: a family not in it, or in it with ``fast=False``, runs on batched
+``generate()``, and the task log says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    fast: bool
+    what: str  # what the layer code does for it, or why it is not on the fast path
+    test: str = "tests/unit/test_families.py"
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("llama", True, "the reference layer: q/k/v projections, rope (default, linear, llama3, yarn)"),
+    Family("mistral", True, "as llama; with `sliding_window` set, every layer masks keys older than the window"),
+    Family("qwen2", True, "as llama with q/k/v biases; a window only where `use_sliding_window` is true (Qwen2.5 "
+                          "configs set a window but turn it off), on the layers `layer_types` names"),
+    Family("qwen3", True, "per-head q/k RMSNorm before rope; windows per `layer_types`"),
+    Family("qwen3_moe", True, "as qwen3, with the model's sparse MoE block as the MLP (grouped GEMMs over fixed "
+                              "shapes on a GPU: `experts_implementation='grouped_mm'`, no host sync per step)"),
+    Family("mixtral", True, "as mistral, with the model's sparse MoE block as the MLP (grouped GEMMs on a GPU)"),
+    Family("gemma3_text", True, "scaled embeddings, per-head q/k norms, norms before and after attention and MLP, "
+                                "interleaved sliding-window and global layers with their own rope bases; logit "
+                                "soft-capping where the config sets it"),
+    Family("gemma3", True, "the text decoder of Gemma 3 4B-27B on text rows (as gemma3_text)"),
+    Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4, Phi-4-mini); not `longrope` "
+                         "configs (Phi-3.5, Phi-4-mini), whose factors switch with the sequence's length"),
+    Family("gpt_oss", False, "not yet: attention sinks, MXFP4 experts dequantized at load and its clamped SwiGLU "
+                             "are not in the layer code", test=""),
+)}
+VISION = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
+
+
+def family_reason(model_type: str, vision: bool = False) -> str | None:
+    """Why the fast engine has no layer code for ``model_type``, or ``None`` when it has."""
+    if vision:
+        return None if model_type in VISION else f"architecture {model_type!r} is not one of {VISION}"
+    family = FAMILIES.get(model_type)
+    if family is None:
+        return (f"architecture {model_type!r} is not one of the fast engine's families "
+                f"({', '.join(f for f, v in FAMILIES.items() if v.fast)}; see docs/design.md, 'Model families')")
+    return None if family.fast else f"{model_type}: {family.what} (see docs/design.md, 'Model families')"

@@ -1,0 +1,91 @@
+"""What one decoder layer computes, through the model's own modules, for every family of
+:mod:`airflow_hfllm.engine.arch`: shared by the fast engine's prefill and decode and the Llama Guard
+verdict pass. What differs between families is found on the modules themselves: a fused ``qkv_proj``
+(Phi-3), per-head ``q_norm``/``k_norm`` (Qwen3, Gemma 3), a rotary table narrower than the head (partial
+rotary: Phi-4-mini), norms around the MLP as well (Gemma 3's sandwich), and a mixture-of-experts block
+as the MLP (Mixtral, Qwen3-MoE). Masks (windows) and soft-capping are the caller's ``attend``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def text_model(model):
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) of a causal LM or a vision-language model."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "language_model", None) or inner
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def prefill_attention():
+    """SDPA backends for prefill: flash, then memory-efficient, then math. Not cuDNN: torch picks it on
+    H100, and it builds an execution plan for every new shape on the host (2.8 ms per call measured),
+    which made host time most of a prefill whose shapes change with every group."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad: int = 0):
+    """Token id rows as one [n, longest] CPU tensor, padded after each row's end."""
+    import torch
+
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+    return ids
+
+
+def rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def project_qkv(attn, h, dims: tuple[int, int, int]):
+    """q, k, v [n, heads, T, head_dim] of normed hidden states h [n, T, D], q/k normed per head."""
+    heads, kv_heads, head_dim = dims
+    n, t, _ = h.shape
+    if hasattr(attn, "qkv_proj"):
+        q, k, v = attn.qkv_proj(h).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q, k, v = q.view(n, t, heads, head_dim), k.view(n, t, kv_heads, head_dim), v.view(n, t, kv_heads, head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding on x [n, H, T, hd] with cos/sin [n or 1, 1, T, rotary_dim]; a table narrower than
+    the head rotates the first ``rotary_dim`` dims only (partial rotary)."""
+    import torch
+
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :dim], x[..., dim:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int]):
+    """One decoder layer through the model's own modules. x: [n, T, D], cos/sin: [n or 1, T, rotary_dim],
+    dims: (heads, kv_heads, head_dim). ``write(l, k, v)`` stores this step's keys/values and
+    ``attend(l, q, k, v, scale)`` returns the attention output [n, H, T, hd]."""
+    heads, _, head_dim = dims
+    n, t, _ = x.shape
+    attn = layer.self_attn
+    q, k, v = project_qkv(attn, layer.input_layernorm(x), dims)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    write(attn.layer_idx, k, v)
+    o = attn.o_proj(attend(attn.layer_idx, q, k, v, attn.scaling).transpose(1, 2).reshape(n, t, heads * head_dim))
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's sandwich: norms after attention and MLP too
+        x = x + layer.post_attention_layernorm(o)
+        return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+    x = x + o
+    return x + layer.mlp(layer.post_attention_layernorm(x))

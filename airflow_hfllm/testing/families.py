@@ -1,0 +1,58 @@
+"""Tiny random models of each family the fast engine runs (:data:`airflow_hfllm.engine.arch.FAMILIES`),
+built offline with the tiny tokenizer and the same wide weights and EOS calibration as the ``causal-lm``
+kind, so that greedy replies are long and differ from row to row. Windowed configs use a window of
+:data:`WINDOW` tokens, so test sequences of 50+ tokens cross it several times."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+WINDOW = 16
+# name -> (model_type, config arguments); every config: 2-4 layers, hidden 64, 4 heads over 2 KV heads.
+FAMILY_CONFIGS = {
+    "llama": ("llama", {}),
+    "mistral-window": ("mistral", {"sliding_window": WINDOW}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "qwen3-moe": ("qwen3_moe", {"head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "gemma3-text": ("gemma3_text", {"head_dim": 16, "sliding_window": WINDOW, "num_hidden_layers": 4,
+                                    "layer_types": ["sliding_attention", "full_attention"] * 2,
+                                    "query_pre_attn_scalar": 16, "rope_local_base_freq": 10_000.0,
+                                    "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "phi3": ("phi3", {"partial_rotary_factor": 0.5}),
+}
+
+
+def make_family_model(path: str | os.PathLike, family: str, *, seed: int = 0) -> pathlib.Path:
+    """Write a tiny random model of ``family`` (a key of :data:`FAMILY_CONFIGS`) and its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from airflow_hfllm.testing.text import _calibrate_eos, _ids, _init_wide, _make_tokenizer
+    from airflow_hfllm.testing.weights import only_words
+
+    model_type, extra = FAMILY_CONFIGS[family]
+    tok = _make_tokenizer("causal-lm")
+    arguments = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                     tie_word_embeddings=False, **_ids(tok))
+    cfg = AutoConfig.for_model(model_type, **{**arguments, **extra})
+    cfg.dtype = "float32"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            _init_wide(model)
+            only_words(model.lm_head.weight, tok, keep=[tok.eos_token_id])
+        model.generation_config = GenerationConfig(**_ids(tok))
+        model.eval()
+        with torch.no_grad():
+            _calibrate_eos(model, tok)
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,55 @@
+"""Every model family of the fast engine, as a tiny random model of its own config loaded through
+from_pretrained: greedy tokens equal transformers generate() exactly (CPU, fp32), with rows joining and
+leaving slots; windowed families run sequences of at least 3x their window."""
+
+import pytest
+
+from airflow_hfllm.config import GenerationParams, ModelSpec
+from airflow_hfllm.engine.arch import FAMILIES
+from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
+from airflow_hfllm.engine.generate import BatchedGenerator, Request
+from airflow_hfllm.engine.loading import get_model
+from airflow_hfllm.engine.prompts import encode
+from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model
+from tests.conftest import prompt_text
+
+ROWS, NEW = 20, 40
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return lambda family: str(make_family_model(root / family, family))
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_fast_engine_equals_generate(family_models, family):
+    loaded = get_model(ModelSpec(family_models(family)))
+    assert FAMILIES[loaded.model.config.model_type].fast and unsupported_reason(loaded) is None
+    requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), NEW)
+                for i in range(ROWS)]
+    params = GenerationParams(max_new_tokens=NEW, do_sample=False)
+    reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(requests)
+    assert sum(c.output_tokens >= 24 for c in reference) >= 0.8 * ROWS
+    assert len({c.text for c in reference}) >= 0.9 * ROWS
+    if "window" in family or family.startswith("gemma3"):
+        assert min(len(r.input_ids) + c.output_tokens for r, c in zip(requests, reference)) >= 3 * WINDOW
+
+    fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
+    assert [c.text for c in fast] == [c.text for c in reference]
+    assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
+
+
+def test_families_left_out_say_why(family_models):
+    loaded = get_model(ModelSpec(family_models("llama")))
+    loaded.model.config.model_type = "gpt_oss"
+    try:
+        reason = unsupported_reason(loaded)
+    finally:
+        loaded.model.config.model_type = "llama"
+    assert reason.startswith("gpt_oss: not yet") and "docs/design.md" in reason
+    loaded.model.config.model_type = "falcon"
+    try:
+        assert "not one of the fast engine's families" in unsupported_reason(loaded)
+    finally:
+        loaded.model.config.model_type = "llama"
