@@ -28,20 +28,37 @@ import subprocess
 import sys
 import time
 
-SHAPES = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+SHAPES = {  # name -> (model_type, config): real shapes, random weights
+    "0.5b": ("qwen2", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                           intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+                           rope_theta=1_000_000.0)),
+    "7b": ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                         intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1_000_000.0)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                               head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False,
+                               rope_theta=1_000_000.0)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                                        num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                        norm_topk_prob=True, vocab_size=151936, tie_word_embeddings=False,
+                                        rope_theta=1_000_000.0)),
+    "gemma3-12b": ("gemma3_text", dict(hidden_size=3840, num_hidden_layers=48, num_attention_heads=16,
+                                       num_key_value_heads=8, head_dim=256, intermediate_size=15360,
+                                       vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=256,
+                                       layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 8,
+                                       rope_local_base_freq=10_000.0, rope_theta=1_000_000.0)),
+    "phi4-14b": ("phi3", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
+                              intermediate_size=17920, vocab_size=100352, tie_word_embeddings=False,
+                              rope_theta=250_000.0)),
 }
-PADDED_BATCH = {"0.5b": 256, "7b": 128}
+PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
 QUANT_PATHS = ("padded", "ours")  # the paths that take --quantization
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 
 
 def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, checkpoint_dir: str = CHECKPOINT_DIR):
-    """A random-weight Qwen2 model of ``shape`` on the GPU, as a ``LoadedModel`` with an ids tokenizer.
+    """A random-weight model of ``shape`` on the GPU, as a ``LoadedModel`` with an ids tokenizer.
 
     :param shape: a key of ``SHAPES``.
     :param dtype: weights dtype when not quantized.
@@ -51,26 +68,27 @@ def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, 
     if quantization not in (None, "none"):
         return build_quantized(shape, quantization, checkpoint_dir)
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from airflow_hfllm.engine.loading import LoadedModel
     from airflow_hfllm.config import ModelSpec
 
     torch.manual_seed(0)
-    config = Qwen2Config(max_position_embeddings=4096, rope_theta=1_000_000.0, **SHAPES[shape])
+    model_type, arguments = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, **arguments)
     config.eos_token_id = None  # rows run to max_new_tokens
     config.pad_token_id = 0
     started = time.monotonic()
     torch_dtype = getattr(torch, dtype)
     torch.set_default_dtype(torch_dtype)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     torch.set_default_dtype(torch.float32)
     model.eval().requires_grad_(False)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     torch.cuda.synchronize()
-    loaded = LoadedModel(ModelSpec(f"random-qwen2-{shape}", dtype=dtype), model, IdsTokenizer(),
+    loaded = LoadedModel(ModelSpec(f"random-{shape}", dtype=dtype), model, IdsTokenizer(),
                          torch.device("cuda"), torch_dtype, time.monotonic() - started)
     return loaded
 
@@ -175,7 +193,7 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(c.output_tokens for c in out) * len(requests) // len(subset)
         note = f"extrapolated from {len(subset)} prompts"
     elif path == "padded":
-        gen = BatchedGenerator(loaded, params, max_batch_size=PADDED_BATCH[shape], token_budget=10**9)
+        gen = BatchedGenerator(loaded, params, max_batch_size=PADDED_BATCH.get(shape, 128), token_budget=10**9)
         gen.generate(requests[:8])
         torch.cuda.synchronize()
         t0 = time.monotonic()
@@ -183,7 +201,7 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         torch.cuda.synchronize()
         seconds = time.monotonic() - t0
         tokens = sum(c.output_tokens for c in out)
-        note = f"batch {PADDED_BATCH[shape]}"
+        note = f"batch {PADDED_BATCH.get(shape, 128)}"
     elif path == "generate_batch":
         from transformers import GenerationConfig
 
@@ -242,19 +260,67 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
     if steps:
         result["decode_steps"] = steps
         result["weight_gbps"] = round(steps * weights / seconds / 1e9)
+    flops = 2 * active_params(loaded.model) * (sum(len(r.input_ids) for r in requests) + tokens)
+    result["tflops"] = round(flops / seconds / 1e12, 1)
+    if path == "ours":
+        result["matmul_tflops"] = round(matmul_rate(loaded.model, rows=engine._shape[0]), 1)
     return result
+
+
+def active_params(model) -> int:
+    """Weights one token multiplies by: every matrix but the embedding, experts at top-k / experts (the
+    attention's own score and value FLOPs are left out)."""
+    cfg = model.config.get_text_config()
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    share = cfg.num_experts_per_tok / experts if experts else 1.0
+    total = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or "embed_tokens" in name:
+            continue
+        total += p.numel() * (share if ".experts." in name else 1.0)
+    return int(total)
+
+
+def matmul_rate(model, rows: int) -> float:
+    """cuBLAS bf16 TFLOP/s over the model's own dense GEMM shapes (one layer's matrices and lm_head) at
+    ``rows`` rows, each shape weighted by how often the model has it: the rate a decode step could reach."""
+    import torch
+
+    shapes: dict[tuple, int] = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed_tokens" not in name and ".experts." not in name and "router" not in name \
+                and not name.endswith("gate.weight"):
+            shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+    flops = seconds = 0.0
+    for (out, inp), count in shapes.items():
+        a = torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(out, inp, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ w.T
+        torch.cuda.synchronize()
+        t0 = time.monotonic()
+        for _ in range(20):
+            a @ w.T
+        torch.cuda.synchronize()
+        seconds += (time.monotonic() - t0) / 20 * count
+        flops += 2 * rows * inp * out * count
+    return flops / seconds / 1e12
 
 
 def table(results: list[dict]) -> str:
     """Markdown rows; the x columns compare with the unquantized paths of the same model and batch."""
-    lines = ["| model | quant | batch | path | tok/s | x one-prompt | x padded | x generate_batch | weight-read GB/s "
-             "| weights GiB | peak GiB | load s | compile s | note |", "|" + "---|" * 14]
+    lines = ["| model | quant | batch | path | tok/s | x one-prompt | x padded | x generate_batch | TFLOP/s "
+             "(of cuBLAS at its shapes) | weight-read GB/s | weights GiB | peak GiB | load s | compile s | note |",
+             "|" + "---|" * 15]
     for r in results:
         base = {b["path"]: b["tok_s"] for b in results if b["model"] == r["model"] and b["batch"] == r["batch"]
                 and b.get("quant", "none") == "none"}
         ratio = lambda p: f"{r['tok_s'] / base[p]:.1f}x" if base.get(p) else "-"  # noqa: E731
+        floor = lambda r: f" ({r['matmul_tflops']}, {r['tflops'] / r['matmul_tflops']:.0%})" \
+            if r.get("matmul_tflops") else ""  # noqa: E731
         lines.append(f"| {r['model']} | {r.get('quant', 'none')} | {r['batch']} | {r['path']} | {r['tok_s']:,.0f} | "
                      f"{ratio('one-prompt')} | {ratio('padded')} | {ratio('generate_batch')} | "
+                     f"{r.get('tflops', '-')}{floor(r)} | "
                      f"{r.get('weight_gbps', '-')} | {r['weights_gib']} | {r['peak_gib']} | {r['load_s']} | "
                      f"{r['compile_s']} | {r['note']} |")
     return "\n".join(lines)
