@@ -151,7 +151,7 @@ class IdsTokenizer:
         return " ".join(map(str, ids))
 
 
-def workload(batch: str, n: int = 512):
+def workload(batch: str, n: int = 512, vocab: int = 150_000):
     import random
 
     from airflow_hfllm.engine.generate import Request
@@ -160,7 +160,7 @@ def workload(batch: str, n: int = 512):
     requests = []
     for _ in range(n):
         length = rng.randint(50, 300)
-        ids = [rng.randrange(1, 150_000) for _ in range(length)]
+        ids = [rng.randrange(1, 150_000) % vocab for _ in range(length)]  # the same prompts where vocab allows
         new = 128 if batch == "standard" else rng.randint(16, 512)
         requests.append(Request(ids, new))
     return requests
@@ -177,7 +177,7 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
     loaded = build(shape, dtype, quantization, checkpoint_dir)
     dtype = str(loaded.dtype).removeprefix("torch.")
     fast_refuses = unsupported_reason(loaded)
-    requests = workload(batch)
+    requests = workload(batch, vocab=loaded.model.config.get_text_config().vocab_size)
     params = GenerationParams(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False)
     note, compile_s, tokens, steps = "", 0.0, 0, None
 

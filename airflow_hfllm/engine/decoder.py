@@ -64,9 +64,14 @@ class Decoder:
         self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-        if experts and next(model.parameters()).is_cuda and hasattr(model, "set_experts_implementation"):
-            # MoE inside the CUDA graph: grouped GEMMs over fixed shapes (offsets by histc), no host sync
-            model.set_experts_implementation("grouped_mm")
+        weight = next(model.parameters())
+        if experts and weight.is_cuda and hasattr(model, "set_experts_implementation"):
+            # MoE inside the CUDA graph needs fixed shapes and no host sync: grouped GEMMs (offsets by
+            # histc) in bf16/fp16; torch's fp32 grouped_mm copies to the host, so fp32 (tests) gathers
+            # each row's expert weights instead (batched_mm)
+            import torch
+
+            model.set_experts_implementation("batched_mm" if weight.dtype == torch.float32 else "grouped_mm")
 
     def rope(self, x, positions, layer_type: str | None = None):
         """cos, sin [n, T, rotary_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope)."""
