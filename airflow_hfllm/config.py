@@ -8,6 +8,7 @@ interface reads :func:`options` and wires every field in one loop, so a new para
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -129,6 +130,12 @@ def check(obj) -> None:
             raise ValueError(f"{opt.name} must be >= {opt.minimum:g}, got {value}")
         if opt.maximum is not None and value > opt.maximum:
             raise ValueError(f"{opt.name} must be <= {opt.maximum:g}, got {value}")
+
+
+def added(obj) -> dict:
+    """The fields of ``obj`` added after the first fingerprint format that are set (not at their default)."""
+    return {k: v for k, v in identity(obj).items()
+            if next(f for f in dataclasses.fields(obj) if f.name == k).metadata.get("option", {}).get("since", 1) > 1}
 
 
 def identity(obj) -> dict:
@@ -282,8 +289,23 @@ class JobConfig:
     replace_foreign_files: bool = option(False, "delete files in the output folder this package did not write "
                                                 "(off: such a folder is refused)")
     progress_every: float = option(5.0, "seconds between progress lines", minimum=0)
+    chat_template_kwargs: dict | None = option(
+        None, 'arguments for the model\'s chat template, as JSON on the CLI: {"enable_thinking": false} (Qwen3), '
+              '{"reasoning_effort": "low"} (gpt-oss)', kinds=("text",), metavar="JSON", since=2)
+    reasoning: bool = option(False, "move what the model wrote in its <think> block into a 'reasoning' column, out "
+                                    "of 'output' and out of the output check's answer (checked as its own text)",
+                             kinds=("text",), since=2)
 
     def __post_init__(self):
+        kwargs = self.chat_template_kwargs
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs) if kwargs.strip() else None
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"chat_template_kwargs is not JSON: {exc}") from None
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a JSON object, got {kwargs!r}")
+        object.__setattr__(self, "chat_template_kwargs", kwargs or None)
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns or ()))
         checkers = self.safety_checkers
         object.__setattr__(self, "safety_checkers", (checkers,) if isinstance(checkers, (str, dict))

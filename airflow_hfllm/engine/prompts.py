@@ -329,13 +329,15 @@ def checked_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
-def encode(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the formatted prompt, ready for generation."""
+def encode(tokenizer, messages: list[dict[str, str]], template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the formatted prompt, ready for generation; ``template_kwargs`` go to the chat
+    template (``enable_thinking``, ``reasoning_effort``)."""
     if getattr(tokenizer, "chat_template", None):
         from jinja2 import TemplateError
 
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                **(template_kwargs or {}))
         except TemplateError as exc:  # the template's own raise_exception(): roles out of order, ...
             raise RowError(f"the model's chat template refused the messages: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in some versions

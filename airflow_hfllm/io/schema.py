@@ -28,9 +28,11 @@ OUTPUT_FIELDS = (
     pa.field("prompt_tokens", pa.int32()),
     pa.field("output_tokens", pa.int32()),
 )
-OUTPUT_COLUMNS = ("id", *(f.name for f in OUTPUT_FIELDS))
+REASONING = pa.field("reasoning", pa.string())  # only in folders written with reasoning=True
+OUTPUT_COLUMNS = ("id", *(f.name for f in OUTPUT_FIELDS), REASONING.name)
 
 
-def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict) -> pa.Schema:
-    fields = [pa.field("id", id_type), *OUTPUT_FIELDS, *keep]
+def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict, reasoning: bool = False) -> pa.Schema:
+    fields = [pa.field("id", id_type), OUTPUT_FIELDS[0], *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:],
+              *keep]
     return pa.schema(fields, metadata={b"hfllm": json.dumps(metadata, sort_keys=True, default=str).encode()})

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from airflow_hfllm.config import GenerationParams, HubOptions, JobConfig, ModelSpec, identity, options
+from airflow_hfllm.config import GenerationParams, HubOptions, JobConfig, ModelSpec, added, identity, options
 from airflow_hfllm.engine.generate import Cancelled
 from airflow_hfllm.engine.prompts import PromptBuilder
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs
@@ -217,6 +217,7 @@ class Job:
             "prompt": self.prompts.fingerprint(),
             "chunk_rows": c.chunk_rows,
             "max_prompt_tokens": c.max_prompt_tokens,
+            **added(c),  # options added since: described only when set, so older folders keep resuming
         }
         extra = self.kind.fingerprint()
         if extra:  # a text job's fingerprint stays what it always was
@@ -257,7 +258,7 @@ class TextJob(Job):
 
     def __init__(self, **arguments):
         config, rest = split_arguments("text", arguments)
-        super().__init__(TextKind(), config=config, **rest)
+        super().__init__(TextKind(config.chat_template_kwargs), config=config, **rest)
 
 
 def _reset_peak(loaded) -> None:

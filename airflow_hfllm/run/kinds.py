@@ -50,6 +50,9 @@ class TextKind:
     name = "text"
     vision = False
 
+    def __init__(self, template_kwargs: dict | None = None):
+        self.template_kwargs = template_kwargs
+
     def spec(self, model: ModelSpec) -> ModelSpec:
         return model
 
@@ -70,7 +73,7 @@ class TextKind:
     def request(self, messages: list, extra: None, loaded, max_new_tokens: int) -> Request:
         from airflow_hfllm.engine.prompts import encode
 
-        return Request(encode(loaded.tokenizer, messages), max_new_tokens)
+        return Request(encode(loaded.tokenizer, messages, self.template_kwargs), max_new_tokens)
 
     def engines(self, loaded, params: GenerationParams, config: JobConfig, **common):
         from airflow_hfllm.engine.fast import FastEngine

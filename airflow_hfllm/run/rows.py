@@ -16,6 +16,8 @@ from airflow_hfllm.io.schema import output_schema
 from airflow_hfllm.run.progress import Progress
 from airflow_hfllm.safety import judge
 
+THINK = ("<think>", "</think>")
+
 
 @dataclass
 class Row:
@@ -28,6 +30,7 @@ class Row:
     prompt_text: str = ""  # what the checkers read
     request: Request | None = None
     output: str | None = None
+    reasoning: str | None = None
     finish_reason: str | None = None
     error: str | None = None
     prompt_safe: bool | None = None
@@ -82,6 +85,18 @@ def python_rows(table: pa.Table) -> tuple[list[dict], dict[int, str]]:
                     bad.setdefault(i, f"column {name!r} holds a string that is not valid UTF-8")
             columns[name] = values
     return [dict(zip(columns, values)) for values in zip(*columns.values())], bad
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(the model's ``<think>`` block, the answer after it). A template that opens the block in the prompt
+    (DeepSeek-R1) leaves only ``</think>`` in the output; a reply cut inside the block is all reasoning."""
+    end = text.find(THINK[1])
+    if end < 0:
+        body = text.lstrip()
+        return (body[len(THINK[0]):].strip(), "") if body.startswith(THINK[0]) else (None, text)
+    start = text.find(THINK[0])
+    reasoning = text[start + len(THINK[0]) if 0 <= start < end else 0:end].strip()
+    return reasoning, text[end + len(THINK[1]):].lstrip()
 
 
 class Steps:
@@ -172,6 +187,8 @@ class Steps:
                 row.fail(done.error)
                 continue
             row.output, row.finish_reason, row.output_tokens = done.text, done.finish_reason, done.output_tokens
+            if self.config.reasoning:
+                row.reasoning, row.output = split_reasoning(row.output)
             generated.append(row)
         self._check_outputs(generated)
         self.progress.errors += sum(row.finish_reason == "error" for row in chunk.rows)
@@ -184,21 +201,29 @@ class Steps:
                            context=[row.prompt_text for row in rows])
         for row, judgement in zip(rows, judgements):
             row.output_safety = [v.to_dict() for v in judgement.verdicts]
-            row.output_safe = judgement.safe
-            if judgement.error:
-                row.output = None
-                row.fail(judgement.error)
-            elif judgement.safe is False:
+            row.output_safe, row.error = judgement.safe, judgement.error
+        # The reasoning is checked as its own text, not as part of the answer.
+        thought = [row for row in rows if row.reasoning and not row.error]
+        for row, judgement in zip(thought, judge(self.checkers, [row.reasoning for row in thought], "output",
+                                                 context=[row.prompt_text for row in thought])):
+            row.output_safety += [{**v.to_dict(), "checker": f"{v.checker} (reasoning)"} for v in judgement.verdicts]
+            row.output_safe = False if False in (row.output_safe, judgement.safe) else row.output_safe
+            row.error = judgement.error
+        for row in rows:
+            if row.error:
+                row.output = row.reasoning = None
+                row.fail(row.error)
+            elif row.output_safe is False:
                 row.finish_reason = "unsafe_output"
                 self.progress.unsafe_output += 1
                 if self.config.on_unsafe_output == "redact":
-                    row.output = None
+                    row.output = row.reasoning = None
 
     def _table(self, chunk: Chunk, metadata: dict) -> pa.Table:
         table, keep_columns = chunk.table, self.config.keep_columns
         # Types from the dataset's unified schema (every chunk is read in it), so all parts match.
         keep = [pa.field(c, table.schema.field(c).type) for c in keep_columns]
-        schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata)
+        schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata, self.config.reasoning)
         columns = {"id": table.column(self.config.id_column), **{c: table.column(c) for c in keep_columns}}
         for f in schema:
             if f.name not in columns:

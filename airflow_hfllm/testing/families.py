@@ -56,3 +56,44 @@ def make_family_model(path: str | os.PathLike, family: str, *, seed: int = 0) ->
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+THINKING_TEMPLATE = (  # Qwen3's switch: enable_thinking=false opens and closes an empty block in the prompt
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def make_thinking_model(path: str | os.PathLike, *, seed: int = 0) -> tuple[pathlib.Path, str, str]:
+    """A tiny Qwen2 model with ``<think>``/``</think>`` tokens and Qwen3's ``enable_thinking`` template
+    switch that answers ``<think> a b </think> c d`` (four words of its vocabulary) after any prompt.
+    Returns the folder, the reasoning ("a b") and the answer ("c d")."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from airflow_hfllm.testing.text import _force_answer, _ids, _make_tokenizer
+
+    tok = _make_tokenizer("causal-lm")
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = THINKING_TEMPLATE
+    words = sorted(t for t in tok.get_vocab() if t[:1] == "\u0120" and t[1:].isascii() and t[1:].isalpha())[:4]
+    answer = [tok.convert_tokens_to_ids(t) for t in ["<think>", *words[:2], "</think>", *words[2:]]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          tie_word_embeddings=False, dtype="float32", **_ids(tok))
+        model = Qwen2ForCausalLM(cfg)
+        with torch.no_grad():
+            _force_answer(model, [*answer, tok.eos_token_id])
+    model.generation_config = GenerationConfig(**_ids(tok))
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    text = lambda ts: " ".join(t[1:] for t in ts)  # noqa: E731
+    return path, text(words[:2]), text(words[2:])
