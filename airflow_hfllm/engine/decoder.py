@@ -62,6 +62,8 @@ class Decoder:
         takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         self.layer_types = list(cfg.layer_types) if takes_type else None
         self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
+        self.sinks = [getattr(layer.self_attn, "sinks", None) for layer in self.layers]  # gpt-oss
+        self.half_tables = cfg.model_type == "gpt_oss"
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
         weight = next(model.parameters())
@@ -86,6 +88,8 @@ class Decoder:
             sections = list(self.mrope_section) * 2
             cos, sin = (torch.cat([m[i % 3] for i, m in enumerate(c.split(sections, dim=-1))], dim=-1)
                         for c in (cos, sin))
+        if self.half_tables:  # gpt-oss rotates halves with one half-width table: the same as rotate_half's
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         return cos, sin
 
     def _layers(self, x, positions, write, attend):
@@ -104,23 +108,29 @@ class Decoder:
             logits = (logits / self.final_softcap).tanh() * self.final_softcap
         return logits
 
-    def _attention(self, q, k, v, mask, scale, causal: bool = False):
+    def _attention(self, q, k, v, mask, scale, causal: bool = False, sinks=None):
         import torch
         import torch.nn.functional as F
 
-        if not self.attn_softcap:
+        if not self.attn_softcap and sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                                   scale=scale, enable_gqa=self.kv_heads != self.heads)
-        # SDPA has no soft-capping: the scores are capped before the mask, as the model does
+        # SDPA has neither soft-capping nor sinks: scores capped before the mask, as the model does; a sink
+        # is a per-head logit that takes part in the softmax and is then dropped
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * scale
-        scores = (scores / self.attn_softcap).tanh() * self.attn_softcap
+        if self.attn_softcap:
+            scores = (scores / self.attn_softcap).tanh() * self.attn_softcap
         if mask is None and causal:
             t = q.shape[-2]
             mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf")) if mask is not None else scores
-        return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+        if sinks is None:
+            return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1, dtype=torch.float32)[..., :-1]
+        return probs.to(q.dtype) @ v
 
     def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx):
         """Embedded prompts x [n, T, D], right-padded, into slots ``slot_idx``; returns last-position
@@ -140,7 +150,7 @@ class Decoder:
         def attend(l, q, k, v, scale):
             # Causal attention over the prompt itself; padding sits after each row's last token.
             window = self.windows[l]
-            return self._attention(q, k, v, masks[window] if window else None, scale, causal=True)
+            return self._attention(q, k, v, masks[window] if window else None, scale, causal=True, sinks=self.sinks[l])
 
         x = self._layers(x, positions, write, attend)
         return self._logits(x[torch.arange(n, device=x.device), lengths - 1])
@@ -158,7 +168,7 @@ class Decoder:
             v_cache[l][slots, :, pos] = v[:, :, 0]
 
         def attend(l, q, k, v, scale):
-            return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale)
+            return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale, sinks=self.sinks[l])
 
         x = self._layers(x, (pos + rope_offset)[:, None], write, attend)
         return self._logits(x[:, 0])

@@ -23,6 +23,11 @@ FAMILY_CONFIGS = {
                                     "query_pre_attn_scalar": 16, "rope_local_base_freq": 10_000.0,
                                     "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
     "phi3": ("phi3", {"partial_rotary_factor": 0.5}),
+    "gpt-oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
+                            "layer_types": ["sliding_attention", "full_attention"], "quantization_config": None,
+                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0,
+                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 64}}),
 }
 
 

@@ -32,7 +32,7 @@ def test_fast_engine_equals_generate(family_models, family):
     reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(requests)
     assert sum(c.output_tokens >= 24 for c in reference) >= 0.8 * ROWS
     assert len({c.text for c in reference}) >= 0.9 * ROWS
-    if "window" in family or family.startswith("gemma3"):
+    if FAMILY_CONFIGS[family][1].get("sliding_window"):
         assert min(len(r.input_ids) + c.output_tokens for r, c in zip(requests, reference)) >= 3 * WINDOW
 
     fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
@@ -40,16 +40,16 @@ def test_fast_engine_equals_generate(family_models, family):
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
 
 
-def test_families_left_out_say_why(family_models):
+def test_models_left_out_say_why(family_models):
     loaded = get_model(ModelSpec(family_models("llama")))
-    loaded.model.config.model_type = "gpt_oss"
+    config = loaded.model.config
     try:
+        config.model_type = "falcon"
         reason = unsupported_reason(loaded)
+        assert "not one of the fast engine's families" in reason and "docs/design.md" in reason
+        config.model_type, config.quantization_config = "gpt_oss", {"quant_method": "mxfp4"}
+        assert unsupported_reason(loaded) == "quantized weights"
     finally:
-        loaded.model.config.model_type = "llama"
-    assert reason.startswith("gpt_oss: not yet") and "docs/design.md" in reason
-    loaded.model.config.model_type = "falcon"
-    try:
-        assert "not one of the fast engine's families" in unsupported_reason(loaded)
-    finally:
-        loaded.model.config.model_type = "llama"
+        config.model_type = "llama"
+        del config.quantization_config
+    assert unsupported_reason(loaded) is None

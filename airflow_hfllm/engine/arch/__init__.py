@@ -35,8 +35,9 @@ FAMILIES = {f.model_type: f for f in (
     Family("gemma3", True, "the text decoder of Gemma 3 4B-27B on text rows (as gemma3_text)"),
     Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4, Phi-4-mini); not `longrope` "
                          "configs (Phi-3.5, Phi-4-mini), whose factors switch with the sequence's length"),
-    Family("gpt_oss", False, "not yet: attention sinks, MXFP4 experts dequantized at load and its clamped SwiGLU "
-                             "are not in the layer code", test=""),
+    Family("gpt_oss", True, "attention sinks (a per-head logit in the softmax), alternating sliding and global "
+                            "layers, MoE with biased experts and a clamped SwiGLU (the model's own); bf16 checkpoints "
+                            "(MXFP4 ones are refused as quantized for now)"),
 )}
 VISION = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")

@@ -3,7 +3,8 @@
 verdict pass. What differs between families is found on the modules themselves: a fused ``qkv_proj``
 (Phi-3), per-head ``q_norm``/``k_norm`` (Qwen3, Gemma 3), a rotary table narrower than the head (partial
 rotary: Phi-4-mini), norms around the MLP as well (Gemma 3's sandwich), and a mixture-of-experts block
-as the MLP (Mixtral, Qwen3-MoE). Masks (windows) and soft-capping are the caller's ``attend``."""
+as the MLP (Mixtral, Qwen3-MoE, gpt-oss). Masks (windows), attention sinks and soft-capping are the caller's
+``attend``."""
 
 from __future__ import annotations
 
@@ -86,6 +87,11 @@ def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int])
     o = attn.o_proj(attend(attn.layer_idx, q, k, v, attn.scaling).transpose(1, 2).reshape(n, t, heads * head_dim))
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's sandwich: norms after attention and MLP too
         x = x + layer.post_attention_layernorm(o)
-        return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        return x + layer.post_feedforward_layernorm(mlp(layer, layer.pre_feedforward_layernorm(x)))
     x = x + o
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    return x + mlp(layer, layer.post_attention_layernorm(x))
+
+
+def mlp(layer, h):
+    out = layer.mlp(h)
+    return out[0] if isinstance(out, tuple) else out  # gpt-oss's MoE block also returns its router scores
