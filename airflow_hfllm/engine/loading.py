@@ -131,6 +131,11 @@ def load(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedModel:
         return _load(spec, hub)
 
 
+def _quant_method(config) -> str | None:
+    quant = getattr(config, "quantization_config", None) or {}
+    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+
+
 def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     import transformers
 
@@ -146,6 +151,11 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     quant = quantization_config(spec, device, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    elif spec.task == "causal-lm" and _quant_method(transformers.AutoConfig.from_pretrained(spec.model, **common)) \
+            == "mxfp4":
+        # gpt-oss ships its experts in MXFP4: dequantized to the load dtype, so the fast engine runs them
+        # (whether or not the worker has the `kernels` package that would keep them MXFP4)
+        kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
     if device.type == "cuda":
         kwargs["device_map"] = "auto"  # straight to the GPU; without it from_pretrained loads on the CPU
     log.info(

@@ -102,3 +102,32 @@ def make_thinking_model(path: str | os.PathLike, *, seed: int = 0) -> tuple[path
     tok.save_pretrained(path)
     text = lambda ts: " ".join(t[1:] for t in ts)  # noqa: E731
     return path, text(words[:2]), text(words[2:])
+
+
+def to_mxfp4(path: str | os.PathLike) -> None:
+    """Rewrite a tiny gpt-oss folder's expert weights as an MXFP4 checkpoint, the format gpt-oss ships in:
+    per 32 values one power-of-two scale (``*_scales``, biased by 127) and 4-bit e2m1 codes, two a byte
+    (``*_blocks``), plus the config's ``quantization_config``. Lossy, as real MXFP4 is."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    codes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    path = pathlib.Path(path)
+    (weights,) = path.glob("*.safetensors")
+    tensors = load_file(weights)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        values = tensors.pop(name).float().transpose(1, 2).contiguous()  # the checkpoint's [E, out, in]
+        groups = values.reshape(*values.shape[:-1], -1, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2**-126) / 6.0))
+        scaled = groups / torch.exp2(exponent)[..., None]
+        index = (scaled.abs()[..., None] - codes).abs().argmin(-1) + 8 * (scaled < 0)
+        packed = (index[..., 0::2] | (index[..., 1::2] << 4)).to(torch.uint8)
+        tensors[f"{name}_blocks"] = packed
+        tensors[f"{name}_scales"] = (exponent + 127).to(torch.uint8)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -10,7 +10,7 @@ from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.engine.prompts import encode
-from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model
+from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model, to_mxfp4
 from tests.conftest import prompt_text
 
 ROWS, NEW = 20, 40
@@ -18,13 +18,17 @@ ROWS, NEW = 20, 40
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return lambda family: str(make_family_model(root / family, family))
+    root, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = str(make_family_model(root / family, family))
+        return built[family]
+
+    return get
 
 
-@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_fast_engine_equals_generate(family_models, family):
-    loaded = get_model(ModelSpec(family_models(family)))
+def equal_to_generate(loaded, family):
     assert FAMILIES[loaded.model.config.model_type].fast and unsupported_reason(loaded) is None
     requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), NEW)
                 for i in range(ROWS)]
@@ -38,6 +42,26 @@ def test_fast_engine_equals_generate(family_models, family):
     fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
     assert [c.text for c in fast] == [c.text for c in reference]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_fast_engine_equals_generate(family_models, family):
+    equal_to_generate(get_model(ModelSpec(family_models(family))), family)
+
+
+def test_gpt_oss_in_mxfp4_is_dequantized_at_load(family_models, tmp_path):
+    """gpt-oss ships MXFP4 experts: loaded to the load dtype, they run on the fast path."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(family_models("gpt-oss"), tmp_path / "mxfp4")
+    to_mxfp4(tmp_path / "mxfp4")
+    loaded = get_model(ModelSpec(str(tmp_path / "mxfp4")))
+    bf16 = get_model(ModelSpec(family_models("gpt-oss")))
+    a, b = (m.model.model.layers[0].mlp.experts.gate_up_proj for m in (loaded, bf16))
+    assert a.dtype == torch.float32 and 0 < ((a - b).norm() / b.norm()).item() < 0.2  # 4-bit, dequantized
+    equal_to_generate(loaded, "gpt-oss")
 
 
 def test_models_left_out_say_why(family_models):

@@ -36,8 +36,8 @@ FAMILIES = {f.model_type: f for f in (
     Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4, Phi-4-mini); not `longrope` "
                          "configs (Phi-3.5, Phi-4-mini), whose factors switch with the sequence's length"),
     Family("gpt_oss", True, "attention sinks (a per-head logit in the softmax), alternating sliding and global "
-                            "layers, MoE with biased experts and a clamped SwiGLU (the model's own); bf16 checkpoints "
-                            "(MXFP4 ones are refused as quantized for now)"),
+                            "layers, MoE with biased experts and a clamped SwiGLU (the model's own); MXFP4 checkpoints "
+                            "dequantized at load"),
 )}
 VISION = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
