@@ -33,8 +33,9 @@ FAMILIES = {f.model_type: f for f in (
                                 "interleaved sliding-window and global layers with their own rope bases; logit "
                                 "soft-capping where the config sets it"),
     Family("gemma3", True, "the text decoder of Gemma 3 4B-27B on text rows (as gemma3_text)"),
-    Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4, Phi-4-mini); not `longrope` "
-                         "configs (Phi-3.5, Phi-4-mini), whose factors switch with the sequence's length"),
+    Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4); not `longrope` configs "
+                         "(Phi-3.5, Phi-4-mini): generate() recomputes a row's whole KV cache with the long factors "
+                         "when it passes the original context, which the static cache does not do yet"),
     Family("gpt_oss", True, "attention sinks (a per-head logit in the softmax), alternating sliding and global "
                             "layers, MoE with biased experts and a clamped SwiGLU (the model's own); MXFP4 checkpoints "
                             "dequantized at load"),
