@@ -172,7 +172,7 @@ def workload(batch: str, n: int = 512, vocab: int = 150_000):
 
 
 def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = "none",
-             checkpoint_dir: str = CHECKPOINT_DIR) -> dict:
+             checkpoint_dir: str = CHECKPOINT_DIR, slots: int | None = None) -> dict:
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
@@ -240,7 +240,7 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
     elif path == "ours":
         if fast_refuses:
             return dict(skipped=fast_refuses)
-        engine = FastEngine(loaded, params)
+        engine = FastEngine(loaded, params, slots=slots)
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
         compile_s = engine.capture_seconds
@@ -343,10 +343,11 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--path-timeout", type=float, default=600, help="seconds one path may take")
     parser.add_argument("--json", default=None, help="append results as JSON lines to this file")
+    parser.add_argument("--slots", type=int, default=None, help="fast engine slots (default: from free memory)")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir)
+        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir, args.slots)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results, notes = [], []
@@ -385,7 +386,7 @@ def main() -> int:
 def _run_one(args, path: str, shape: str, batch: str, quant: str) -> dict | None:
     """One path in its own process; ``None`` (and a line saying why) when it gave no result."""
     cmd = [sys.executable, __file__, "--dtype", args.dtype, "--quantization", quant, "--checkpoint-dir",
-           args.checkpoint_dir, "--one", path, shape, batch]
+           args.checkpoint_dir, *(["--slots", str(args.slots)] if args.slots else []), "--one", path, shape, batch]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                               timeout=args.path_timeout)
