@@ -22,6 +22,14 @@ FAMILY_CONFIGS = {
                                     "layer_types": ["sliding_attention", "full_attention"] * 2,
                                     "query_pre_attn_scalar": 16, "rope_local_base_freq": 10_000.0,
                                     "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    # Gemma 3 4B-27B: the text decoder inside Gemma3ForConditionalGeneration (a tiny SigLIP tower beside it)
+    "gemma3": ("gemma3", {"text_config": {"head_dim": 16, "sliding_window": WINDOW, "num_hidden_layers": 4,
+                                          "layer_types": ["sliding_attention", "full_attention"] * 2,
+                                          "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0,
+                                          "attn_logit_softcapping": 50.0},
+                          "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                            "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+                          "mm_tokens_per_image": 4, "tie_word_embeddings": False}),
     "phi3": ("phi3", {"partial_rotary_factor": 0.5}),
     "gpt-oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
                             "layer_types": ["sliding_attention", "full_attention"], "quantization_config": None,
@@ -29,6 +37,12 @@ FAMILY_CONFIGS = {
                                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                 "original_max_position_embeddings": 64}}),
 }
+
+
+def window(family: str) -> int | None:
+    """The sliding window of ``family``'s tiny config, if it has one."""
+    extra = FAMILY_CONFIGS[family][1]
+    return extra.get("sliding_window") or extra.get("text_config", {}).get("sliding_window")
 
 
 def make_family_model(path: str | os.PathLike, family: str, *, seed: int = 0) -> pathlib.Path:
@@ -41,10 +55,17 @@ def make_family_model(path: str | os.PathLike, family: str, *, seed: int = 0) ->
 
     model_type, extra = FAMILY_CONFIGS[family]
     tok = _make_tokenizer("causal-lm")
+    if "text_config" in extra:  # an image placeholder no prompt holds and lm_head never picks
+        tok.add_tokens(["<image_soft_token>"], special_tokens=True)
     arguments = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                      tie_word_embeddings=False, **_ids(tok))
-    cfg = AutoConfig.for_model(model_type, **{**arguments, **extra})
+    if "text_config" in extra:  # a multimodal model: the tiny text arguments go to its text decoder
+        extra = {**extra, "text_config": {**arguments, **extra["text_config"]},
+                 "image_token_index": tok.convert_tokens_to_ids("<image_soft_token>")}
+        cfg = AutoConfig.for_model(model_type, **extra)
+    else:
+        cfg = AutoConfig.for_model(model_type, **{**arguments, **extra})
     cfg.dtype = "float32"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

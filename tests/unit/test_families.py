@@ -10,7 +10,7 @@ from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.engine.prompts import encode
-from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model, to_mxfp4
+from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model, to_mxfp4, window
 from tests.conftest import prompt_text
 
 ROWS, NEW = 20, 40
@@ -36,8 +36,8 @@ def equal_to_generate(loaded, family):
     reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(requests)
     assert sum(c.output_tokens >= 24 for c in reference) >= 0.8 * ROWS
     assert len({c.text for c in reference}) >= 0.9 * ROWS
-    if FAMILY_CONFIGS[family][1].get("sliding_window"):
-        assert min(len(r.input_ids) + c.output_tokens for r, c in zip(requests, reference)) >= 3 * WINDOW
+    if window(family):  # most rows cross the window three times
+        assert sum(len(r.input_ids) + c.output_tokens >= 3 * WINDOW for r, c in zip(requests, reference)) >= 0.9 * ROWS
 
     fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
     assert [c.text for c in fast] == [c.text for c in reference]
