@@ -126,7 +126,8 @@ class HFGenerateBaseOperator(BaseOperator):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.kind:
+        # Only on the class that names the kind: a user's subclass keeps its own template_fields and doc.
+        if "kind" in cls.__dict__:
             cls.template_fields = (*cls._own_template_fields,
                                    *(opt.operator for _, opt in config_options(cls.kind) if opt.templated))
             cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Job parameters:\n\n" + operator_doc(cls.kind)

@@ -76,3 +76,21 @@ def test_every_job_parameter_reaches_the_operator_and_the_cli(kind):
                 assert opt.cli in flags, opt.name
                 if opt.default is not dataclasses.MISSING:
                     assert command.get_default(opt.name) in (opt.default_for(kind), []), opt.name
+
+
+def test_a_subclass_of_an_operator_keeps_its_own_template_fields():
+    from airflow_hfllm.operators.text import HFTextGenerateOperator
+
+    class Tagged(HFTextGenerateOperator):
+        """Adds a tag."""
+
+        template_fields = (*HFTextGenerateOperator.template_fields, "tag")
+
+        def __init__(self, *, tag: str = "", **kwargs):
+            super().__init__(**kwargs)
+            self.tag = tag
+
+    assert Tagged.template_fields[-1] == "tag" and "temperature" in Tagged.template_fields
+    assert Tagged.__doc__ == "Adds a tag."
+    task = Tagged(task_id="t", input_path="in", output_path="out", base_model="m", tag="x", temperature="0.3")
+    assert (task.tag, task.temperature, task.chunk_rows) == ("x", "0.3", 1000)
