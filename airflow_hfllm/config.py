@@ -222,6 +222,8 @@ class GenerationParams:
                                           "(OpenAI's)", minimum=-2, maximum=2, since=2)
     frequency_penalty: float = option(0.0, "subtracted from a token's logit once per time the output already "
                                            "holds it (OpenAI's)", minimum=-2, maximum=2, since=2)
+    num_return_sequences: int = option(1, "samples per prompt: one output row each, with a 'sample' column from 0 "
+                                          "(id and sample together unique); needs sampling", minimum=1, since=2)
     min_length: int | None = option(None, "minimum new tokens", minimum=0)
     use_cache: bool = option(True, "KV cache during generation (batched generate() only)", cli="")
     seed: int | None = option(None, "sampling seed (none: one is drawn, kept in the output folder and reused by "
@@ -240,6 +242,8 @@ class GenerationParams:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError("num_return_sequences > 1 needs do_sample=True: greedy samples would all be the same")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

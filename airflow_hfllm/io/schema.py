@@ -28,11 +28,14 @@ OUTPUT_FIELDS = (
     pa.field("prompt_tokens", pa.int32()),
     pa.field("output_tokens", pa.int32()),
 )
-REASONING = pa.field("reasoning", pa.string())  # only in folders written with reasoning=True
-OUTPUT_COLUMNS = ("id", *(f.name for f in OUTPUT_FIELDS), REASONING.name)
+# Only in folders written with them: reasoning=True, num_return_sequences > 1.
+REASONING = pa.field("reasoning", pa.string())
+SAMPLE = pa.field("sample", pa.int32())
+OUTPUT_COLUMNS = ("id", SAMPLE.name, *(f.name for f in OUTPUT_FIELDS), REASONING.name)
 
 
-def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict, reasoning: bool = False) -> pa.Schema:
-    fields = [pa.field("id", id_type), OUTPUT_FIELDS[0], *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:],
-              *keep]
+def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict, reasoning: bool = False,
+                  samples: bool = False) -> pa.Schema:
+    fields = [pa.field("id", id_type), *([SAMPLE] if samples else []), OUTPUT_FIELDS[0],
+              *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:], *keep]
     return pa.schema(fields, metadata={b"hfllm": json.dumps(metadata, sort_keys=True, default=str).encode()})

@@ -164,7 +164,8 @@ class Job:
             checker.load()
         load_seconds = time.monotonic() - t_load
         _reset_peak(loaded)
-        progress = Progress(self.log, dataset.rows, sum(r["counts"]["rows"] for r in done.values()),
+        progress = Progress(self.log, dataset.rows * self.params.num_return_sequences,
+                            sum(r["counts"]["rows"] for r in done.values()),
                             self.config.progress_every)
         driver = engines.choose(self.kind, loaded, self.params, self.config, should_stop=self.stop_event.is_set,
                                 on_batch=progress.batch, log=self.log, model_name=self.model.model)

@@ -4,6 +4,7 @@ limits: :meth:`Steps.start`) and after it (output check, redaction, the part's t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +24,10 @@ THINK = ("<think>", "</think>")
 class Row:
     """One input row on its way to the output: its output columns, filled in as it goes."""
 
-    key: Any
+    key: Any  # what the row's samples are seeded from: its id, or (id, sample) for samples after the first
     values: dict
+    index: int = 0  # its row in the chunk's table
+    sample: int = 0
     messages: list | None = None
     extra: Any = None  # what the kind adds to the prompt (a vision row's images)
     prompt_text: str = ""  # what the checkers read
@@ -111,8 +114,8 @@ class Steps:
         """Everything before generation: prompts, prompt checks, token limits."""
         values, bad = python_rows(table)
         keys = table.column(self.config.id_column).to_pylist()
-        chunk = Chunk(index, table, [Row(key, row) for key, row in zip(keys, values)])
-        for i, row in enumerate(chunk.rows):
+        rows = [Row(key, row, i) for i, (key, row) in enumerate(zip(keys, values))]
+        for i, row in enumerate(rows):
             try:
                 if i in bad:
                     raise RowError(bad[i])
@@ -121,13 +124,24 @@ class Steps:
                 row.prompt_text = checked_text(row.messages)
             except RowError as exc:
                 row.fail(str(exc))
-        self._check_prompts([row for row in chunk.rows if row.live])
+        self._check_prompts([row for row in rows if row.live])
         limit = context_limit(loaded.model)
-        for row in chunk.rows:
+        for row in rows:
             if row.live:
                 self._request(row, loaded, limit)
+        chunk = Chunk(index, table, [sample for row in rows for sample in self._samples(row)])
         self.progress.skipped(len(chunk.rows) - len(chunk.todo))
         return chunk
+
+    def _samples(self, row: Row) -> list[Row]:
+        """The row once per sample; sample 0 keeps the row's id as its key, so it is what a single sample
+        would have been."""
+        copies = [row]
+        for k in range(1, self.params.num_return_sequences):
+            request = None if row.request is None else dataclasses.replace(row.request)
+            copies.append(dataclasses.replace(row, key=("sample", row.key, k), sample=k, request=request,
+                                              prompt_safety=list(row.prompt_safety)))
+        return copies
 
     def _check_prompts(self, rows: list[Row]) -> None:
         if not self.checkers:
@@ -223,7 +237,11 @@ class Steps:
         table, keep_columns = chunk.table, self.config.keep_columns
         # Types from the dataset's unified schema (every chunk is read in it), so all parts match.
         keep = [pa.field(c, table.schema.field(c).type) for c in keep_columns]
-        schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata, self.config.reasoning)
+        samples = self.params.num_return_sequences > 1
+        schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata, self.config.reasoning,
+                               samples)
+        if samples:  # a table row per sample
+            table = table.take([row.index for row in chunk.rows])
         columns = {"id": table.column(self.config.id_column), **{c: table.column(c) for c in keep_columns}}
         for f in schema:
             if f.name not in columns:
