@@ -6,6 +6,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -48,3 +52,19 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(models):
     return models("causal-lm")
+
+
+def kill_after_first_part(cmd: list[str], out) -> dict:
+    """Run ``cmd`` (an ``hfllm`` job writing to ``out``), SIGKILL it and its children once its first part is
+    committed, and return the committed parts' (inode, mtime): a rerun must leave them as they are."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first_commit = out / "_commits" / "part-00000.json"
+    deadline = time.monotonic() + 240
+    while not first_commit.exists():
+        assert proc.poll() is None, "the run ended before its first part"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")
+            if (out / "_commits" / p.name.replace(".parquet", ".json")).exists()}

@@ -2,18 +2,15 @@
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from airflow_hfllm.cli import build_parser
-from tests.conftest import write_prompts
+from tests.conftest import kill_after_first_part, write_prompts
 
 HFLLM = [sys.executable, "-m", "airflow_hfllm.cli"]
 
@@ -56,17 +53,7 @@ def test_kill_9_then_rerun_gives_every_id_once(tiny_lm, tmp_path):
     out = tmp_path / "out"
     cmd = [*HFLLM, "text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"), "--output", str(out),
            "--max-new-tokens", "16", "--chunk-rows", "20", "--seed", "7"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first_commit = out / "_commits" / "part-00000.json"
-    deadline = time.monotonic() + 240
-    while not first_commit.exists():
-        assert proc.poll() is None, "the run ended before its first part"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")
-               if (out / "_commits" / p.name.replace(".parquet", ".json")).exists()}
+    written = kill_after_first_part(cmd, out)
     assert written and len(written) < 75, "killed mid-run"
     assert not (out / "_manifest.json").exists()
 

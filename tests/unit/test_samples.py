@@ -3,11 +3,8 @@
 (id, sample) once."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -15,7 +12,7 @@ import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.run.job import TextJob
-from tests.conftest import write_prompts
+from tests.conftest import kill_after_first_part, write_prompts
 
 
 def run(tiny_lm, tmp_path, out, n, **kw):
@@ -54,17 +51,7 @@ def test_kill_9_then_rerun_gives_every_sample_once(tiny_lm, tmp_path):
     cmd = [sys.executable, "-m", "airflow_hfllm.cli", "text", "--model", tiny_lm, "--input", str(tmp_path / "in.parquet"),
            "--output", str(out), "--max-new-tokens", "8", "--chunk-rows", "10", "--seed", "7",
            "--num-return-sequences", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first_commit = out / "_commits" / "part-00000.json"
-    deadline = time.monotonic() + 240
-    while not first_commit.exists():
-        assert proc.poll() is None, "the run ended before its first part"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")
-               if (out / "_commits" / p.name.replace(".parquet", ".json")).exists()}
+    written = kill_after_first_part(cmd, out)
     assert written and len(written) < 40, "killed mid-run"
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
