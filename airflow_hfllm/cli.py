@@ -47,10 +47,9 @@ def bounded(opt: Option):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if opt.type is int else 'a number'}: {text!r}") \
                 from None
-        if opt.minimum is not None and value < opt.minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {opt.minimum:g}, got {value}")
-        if opt.maximum is not None and value > opt.maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {opt.maximum:g}, got {value}")
+        problem = opt.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     parse.__name__ = opt.type.__name__

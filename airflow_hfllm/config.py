@@ -8,6 +8,7 @@ interface reads :func:`options` and wires every field in one loop, so a new para
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -64,6 +65,18 @@ class Option:
     maximum: float | None
     metavar: str | None
 
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` ("must be >= 1, got 0"): not one of the choices, or out of bounds."""
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
+        if self.minimum is not None and value < self.minimum:
+            return f"must be >= {self.minimum:g}, got {value}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be <= {self.maximum:g}, got {value}"
+        return None
+
     def default_for(self, kind: str | None) -> Any:
         return KIND_DEFAULTS.get(kind, {}).get(self.name, self.default)
 
@@ -87,8 +100,10 @@ class Option:
         return value
 
 
-def options(cls, kind: str | None = None) -> list[Option]:
-    """The fields of a config class that ``kind`` takes (all of them when ``None``)."""
+@functools.cache
+def options(cls, kind: str | None = None) -> tuple[Option, ...]:
+    """The fields of a config class that ``kind`` takes (all of them when ``None``); read once per class,
+    since every config checks its values with them."""
     hints = typing.get_type_hints(cls)
     found = []
     for f in dataclasses.fields(cls):
@@ -98,12 +113,12 @@ def options(cls, kind: str | None = None) -> list[Option]:
         base, optional, many = _unwrap(hints[f.name])
         found.append(Option(
             name=f.name, type=base, many=many, optional=optional,
-            default=f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING,
+            default=f.default,
             help=meta["help"], cli="--" + f.name.replace("_", "-") if meta["cli"] is None else meta["cli"],
             operator=f.name if meta["operator"] is None else meta["operator"], templated=meta["templated"],
             kinds=meta["kinds"], choices=meta["choices"], minimum=meta["minimum"], maximum=meta["maximum"],
             metavar=meta["metavar"]))
-    return found
+    return tuple(found)
 
 
 def _unwrap(hint) -> tuple[type, bool, bool]:
@@ -121,30 +136,28 @@ def _unwrap(hint) -> tuple[type, bool, bool]:
 def check(obj) -> None:
     """The checks every field declares: choices and bounds."""
     for opt in options(type(obj)):
-        value = getattr(obj, opt.name)
-        if value is None:
-            continue
-        if opt.choices is not None and value not in opt.choices:
-            raise ValueError(f"{opt.name} must be one of {', '.join(map(repr, opt.choices))}, got {value!r}")
-        if opt.minimum is not None and value < opt.minimum:
-            raise ValueError(f"{opt.name} must be >= {opt.minimum:g}, got {value}")
-        if opt.maximum is not None and value > opt.maximum:
-            raise ValueError(f"{opt.name} must be <= {opt.maximum:g}, got {value}")
-
-
-def added(obj) -> dict:
-    """The fields of ``obj`` added after the first fingerprint format that are set (not at their default)."""
-    return {k: v for k, v in identity(obj).items()
-            if next(f for f in dataclasses.fields(obj) if f.name == k).metadata.get("option", {}).get("since", 1) > 1}
+        problem = opt.problem(getattr(obj, opt.name))
+        if problem:
+            raise ValueError(f"{opt.name} {problem}")
 
 
 def identity(obj) -> dict:
     """What a config contributes to an output folder's fingerprint: every field, except those added
     after the first format while they are at their default (so that adding one rebuilds nothing)."""
+    return _described(obj, later_only=False)
+
+
+def added(obj) -> dict:
+    """The fields of ``obj`` added after the first fingerprint format that are set (not at their default)."""
+    return _described(obj, later_only=True)
+
+
+def _described(obj, later_only: bool) -> dict:
     described = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.metadata.get("option", {}).get("since", 1) > 1 and value == f.default:
+        later = f.metadata.get("option", {}).get("since", 1) > 1
+        if (later and value == f.default) or (later_only and not later):
             continue
         described[f.name] = list(value) if isinstance(value, tuple) else value
     return described

@@ -151,11 +151,13 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     quant = quantization_config(spec, device, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    elif spec.task == "causal-lm" and _quant_method(transformers.AutoConfig.from_pretrained(spec.model, **common)) \
-            == "mxfp4":
-        # gpt-oss ships its experts in MXFP4: dequantized to the load dtype, so the fast engine runs them
-        # (whether or not the worker has the `kernels` package that would keep them MXFP4)
-        kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    elif spec.task == "causal-lm":
+        # Read once here and handed to from_pretrained, which would read it again.
+        kwargs["config"] = transformers.AutoConfig.from_pretrained(spec.model, **common)
+        if _quant_method(kwargs["config"]) == "mxfp4":
+            # gpt-oss ships its experts in MXFP4: dequantized to the load dtype, so the fast engine runs them
+            # (whether or not the worker has the `kernels` package that would keep them MXFP4)
+            kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
     if device.type == "cuda":
         kwargs["device_map"] = "auto"  # straight to the GPU; without it from_pretrained loads on the CPU
     log.info(

@@ -44,7 +44,7 @@ class BatchedDriver(Driver):
 
     def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
         for chunk in chunks:
-            todo = [i for i, row in enumerate(chunk.rows) if row.request is not None]
+            todo = chunk.todo
             completions = self.generator.generate([chunk.rows[i].request for i in todo],
                                                   seed=chunk_seed(seed, chunk.index),
                                                   keys=[chunk.rows[i].key for i in todo]) if todo else []
@@ -64,7 +64,7 @@ class StreamDriver(Driver):
 
         def rows():
             for chunk in chunks:
-                todo = [i for i, row in enumerate(chunk.rows) if row.request is not None]
+                todo = chunk.todo
                 open_chunks[chunk.index] = (chunk, {}, len(todo))
                 if not todo:  # nothing to generate (all rows unsafe or bad): out with the next result
                     ready.append(chunk.index)

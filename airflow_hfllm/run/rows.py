@@ -60,9 +60,9 @@ class Chunk:
     rows: list[Row]
 
     @property
-    def todo(self) -> list[Row]:
-        """The rows that go to the generator."""
-        return [row for row in self.rows if row.request is not None]
+    def todo(self) -> list[int]:
+        """The positions of the rows that go to the generator."""
+        return [i for i, row in enumerate(self.rows) if row.request is not None]
 
 
 def python_rows(table: pa.Table) -> tuple[list[dict], dict[int, str]]:
