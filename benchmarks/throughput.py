@@ -58,7 +58,7 @@ SHAPES = {  # name -> (model_type, config): real shapes, random weights
 }
 PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
-QUANT_PATHS = ("padded", "ours")  # the paths that take --quantization
+QUANT_PATHS = ("padded", "ours", "ours-sdpa")  # the paths that take --quantization
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 
 
@@ -172,7 +172,7 @@ def workload(batch: str, n: int = 512, vocab: int = 150_000):
 
 
 def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = "none",
-             checkpoint_dir: str = CHECKPOINT_DIR, slots: int | None = None) -> dict:
+             checkpoint_dir: str = CHECKPOINT_DIR, slots: int | None = None, profile: bool = False) -> dict:
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
@@ -237,14 +237,17 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(len(g.generated_tokens) for g in got)
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
-    elif path == "ours":
+    elif path in ("ours", "ours-sdpa"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
-        engine = FastEngine(loaded, params, slots=slots)
+        # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
+        # path) instead of the Triton kernel, for comparison
+        engine = FastEngine(loaded, params, slots=slots, decode_kernel=path == "ours")
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
         compile_s = engine.capture_seconds
-        steps_before, engine.prefill_seconds = engine.steps, 0.0
+        engine.stats()
+        steps_before, engine.prefill_seconds, engine.prefill_gpu_seconds = engine.steps, 0.0, 0.0
         torch.cuda.synchronize()
         t0 = time.monotonic()
         out = engine.generate(requests)
@@ -252,7 +255,9 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         seconds = time.monotonic() - t0
         tokens = sum(c.output_tokens for c in out)
         steps = engine.steps - steps_before
-        note = f"{engine._shape[0]} slots x {engine._shape[1]} tokens, prefill {engine.prefill_seconds:.1f} s"
+        prefill_s = engine.stats()["prefill_gpu_seconds"]
+        note = f"{engine._shape[0]} slots x {engine._shape[1]} tokens, prefill {prefill_s:.2f} s on the GPU"
+        kernels = top_kernels(engine, requests[:128]) if profile else None
     else:
         raise ValueError(path)
 
@@ -267,9 +272,33 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         result["weight_gbps"] = round(steps * weights / seconds / 1e9)
     flops = 2 * active_params(loaded.model) * (sum(len(r.input_ids) for r in requests) + tokens)
     result["tflops"] = round(flops / seconds / 1e12, 1)
-    if path == "ours":
+    if path.startswith("ours"):
+        # prefill and decode apart: prefill's GPU time from the engine's events, decode the rest
+        per_token = 2 * active_params(loaded.model)
+        prompt_tokens = sum(len(r.input_ids) for r in requests)
         result["matmul_tflops"] = round(matmul_rate(loaded.model, rows=engine._shape[0]), 1)
+        result["prefill_s"] = round(prefill_s, 2)
+        result["prefill_tflops"] = round(per_token * prompt_tokens / prefill_s / 1e12, 1)
+        result["prefill_matmul_tflops"] = round(matmul_rate(loaded.model, rows=4096), 1)
+        result["decode_tflops"] = round(per_token * tokens / (seconds - prefill_s) / 1e12, 1)
+        result["decode_step_ms"] = round((seconds - prefill_s) / steps * 1000, 2)
+        if kernels:
+            result["kernels"] = kernels
     return result
+
+
+def top_kernels(engine, requests, top: int = 12) -> str:
+    """The GPU kernels that took the most time over one more run of ``requests`` (torch.profiler), as lines."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(requests)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) or 1
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return "\n".join(f"  {e.self_device_time_total / total:6.1%} {e.count:7d}x  {e.key[:110]}" for e in events[:top])
 
 
 def active_params(model) -> int:
@@ -315,8 +344,9 @@ def matmul_rate(model, rows: int) -> float:
 def table(results: list[dict]) -> str:
     """Markdown rows; the x columns compare with the unquantized paths of the same model and batch."""
     lines = ["| model | quant | batch | path | tok/s | x one-prompt | x padded | x generate_batch | TFLOP/s "
-             "(of cuBLAS at its shapes) | weight-read GB/s | weights GiB | peak GiB | load s | compile s | note |",
-             "|" + "---|" * 15]
+             "(of cuBLAS at its shapes) | prefill TFLOP/s (of cuBLAS) | decode TFLOP/s (of cuBLAS) | decode step ms | "
+             "weight-read GB/s | weights GiB | peak GiB | load s | compile s | note |",
+             "|" + "---|" * 18]
     for r in results:
         base = {b["path"]: b["tok_s"] for b in results if b["model"] == r["model"] and b["batch"] == r["batch"]
                 and b.get("quant", "none") == "none"}
@@ -325,10 +355,15 @@ def table(results: list[dict]) -> str:
             if r.get("matmul_tflops") else ""  # noqa: E731
         lines.append(f"| {r['model']} | {r.get('quant', 'none')} | {r['batch']} | {r['path']} | {r['tok_s']:,.0f} | "
                      f"{ratio('one-prompt')} | {ratio('padded')} | {ratio('generate_batch')} | "
-                     f"{r.get('tflops', '-')}{floor(r)} | "
+                     f"{r.get('tflops', '-')}{floor(r)} | {share(r, 'prefill_tflops', 'prefill_matmul_tflops')} | "
+                     f"{share(r, 'decode_tflops', 'matmul_tflops')} | {r.get('decode_step_ms', '-')} | "
                      f"{r.get('weight_gbps', '-')} | {r['weights_gib']} | {r['peak_gib']} | {r['load_s']} | "
                      f"{r['compile_s']} | {r['note']} |")
     return "\n".join(lines)
+
+
+def share(r: dict, rate: str, floor: str) -> str:
+    return f"{r[rate]} ({r[rate] / r[floor]:.0%})" if r.get(rate) and r.get(floor) else "-"
 
 
 def main() -> int:
@@ -344,10 +379,12 @@ def main() -> int:
     parser.add_argument("--path-timeout", type=float, default=600, help="seconds one path may take")
     parser.add_argument("--json", default=None, help="append results as JSON lines to this file")
     parser.add_argument("--slots", type=int, default=None, help="fast engine slots (default: from free memory)")
+    parser.add_argument("--profile", action="store_true",
+                        help="the fast engine's paths also print the GPU kernels that took most time (torch.profiler)")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir, args.slots)
+        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir, args.slots, args.profile)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results, notes = [], []
@@ -378,6 +415,10 @@ def main() -> int:
             with open(args.json, "a") as f:
                 f.write(json.dumps(result) + "\n")
     print(table(results))
+    for r in results:
+        if r.get("kernels"):
+            print(f"\ntop GPU kernels, {r['path']} {r['model']} {r.get('quant', 'none')} {r['batch']} (share of "
+                  f"kernel time, calls, name):\n{r['kernels']}")
     for note in notes:
         print(f"- {note}")
     return 0
@@ -386,7 +427,8 @@ def main() -> int:
 def _run_one(args, path: str, shape: str, batch: str, quant: str) -> dict | None:
     """One path in its own process; ``None`` (and a line saying why) when it gave no result."""
     cmd = [sys.executable, __file__, "--dtype", args.dtype, "--quantization", quant, "--checkpoint-dir",
-           args.checkpoint_dir, *(["--slots", str(args.slots)] if args.slots else []), "--one", path, shape, batch]
+           args.checkpoint_dir, *(["--slots", str(args.slots)] if args.slots else []),
+           *(["--profile"] if args.profile else []), "--one", path, shape, batch]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                               timeout=args.path_timeout)

@@ -7,6 +7,7 @@ import inspect
 from typing import TYPE_CHECKING
 
 from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
+from airflow_hfllm.engine.arch.fuse import fuse_projections
 from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
 
 if TYPE_CHECKING:
@@ -44,11 +45,27 @@ def window_of(cfg, attn) -> int | None:
     return getattr(cfg, "sliding_window", None)  # Mistral: every layer
 
 
+def decode_kernel(device) -> object | None:
+    """The Triton decode attention (:mod:`airflow_hfllm.engine.decode_kernel`) where it runs: CUDA with
+    Triton installed; else ``None`` (SDPA over the masked cache)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from airflow_hfllm.engine.decode_kernel import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
+
+
 class Decoder:
     """The decoder stack of ``model`` through its own modules, over the fast engine's static KV cache
-    (``k_cache``, ``v_cache``: one [slots, kv_heads, max_len, head_dim] tensor per layer)."""
+    (``k_cache``, ``v_cache``: one [slots, kv_heads, max_len, head_dim] tensor per layer).
 
-    def __init__(self, model):
+    :param kernel: decode attention through the Triton kernel (default: where it runs, see
+        :func:`decode_kernel`); ``False`` uses SDPA over the masked cache, as on the CPU.
+    """
+
+    def __init__(self, model, kernel: bool | None = None):
         cfg = text_config(model.config)
         self.model, self.base = model, text_model(model)
         self.layers = list(self.base.layers)
@@ -67,6 +84,11 @@ class Decoder:
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
         weight = next(model.parameters())
+        self.kernel = decode_kernel(weight.device) if kernel is not False else None
+        if weight.is_cuda:  # on the CPU the unfused GEMMs keep greedy tokens bit-equal to generate()'s
+            fuse_projections(model)
+        if kernel and self.kernel is None:
+            raise ValueError(f"the Triton decode attention needs CUDA and triton (model on {weight.device})")
         if experts and weight.is_cuda and hasattr(model, "set_experts_implementation"):
             # MoE inside the CUDA graph needs fixed shapes and no host sync: grouped GEMMs (offsets by
             # histc) in bf16/fp16; torch's fp32 grouped_mm copies to the host, so fp32 (tests) gathers
@@ -159,16 +181,22 @@ class Decoder:
         """Logits [slots, V] after ``tokens`` [slots] at KV index ``pos`` (rope position ``pos + rope_offset``);
         ``slots`` and ``columns`` are aranges over the cache's first and third axes."""
         x = self.base.embed_tokens(tokens[:, None])
-        seen = columns[None, :] <= pos[:, None]
-        masks = {window: (seen & (columns[None, :] > pos[:, None] - window) if window else seen)[:, None, None, :]
-                 for window in set(self.windows)}
 
         def write(l, k, v):
             k_cache[l][slots, :, pos] = k[:, :, 0]
             v_cache[l][slots, :, pos] = v[:, :, 0]
 
-        def attend(l, q, k, v, scale):
-            return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale, sinks=self.sinks[l])
+        if self.kernel:
+            def attend(l, q, k, v, scale):
+                return self.kernel(q[:, :, 0], k_cache[l], v_cache[l], pos, scale, self.windows[l], self.sinks[l],
+                                   self.attn_softcap)[:, :, None]
+        else:
+            seen = columns[None, :] <= pos[:, None]
+            masks = {window: (seen & (columns[None, :] > pos[:, None] - window) if window else seen)[:, None, None, :]
+                     for window in set(self.windows)}
+
+            def attend(l, q, k, v, scale):
+                return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale, sinks=self.sinks[l])
 
         x = self._layers(x, (pos + rope_offset)[:, None], write, attend)
         return self._logits(x[:, 0])

@@ -21,8 +21,8 @@ prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A row 
 slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the memory it needs.
 
 The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache.
-Supported: Llama/Qwen2/Mistral-style decoders, unquantized, adapters merged. Anything else takes the
-batched ``generate()`` path (``engine/generate.py``), and the job logs why.
+Supported: the families of ``engine/arch`` (the coverage table), unquantized, adapters merged. Anything
+else takes the batched ``generate()`` path (``engine/generate.py``), and the job logs why.
 """
 
 from __future__ import annotations
@@ -54,13 +54,16 @@ class FastEngine:
     :param steps_per_sync: decode steps per graph replay between host syncs.
     :param prefill_tokens: tokens (rows x longest prompt) per prefill call.
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
+    :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
+        (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
     """
 
     vision = False
 
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
-                 should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
+                 decode_kernel: bool | None = None, should_stop: Callable[[], bool] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
@@ -72,7 +75,7 @@ class FastEngine:
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
-        self.decoder = Decoder(self.model)
+        self.decoder = Decoder(self.model, kernel=decode_kernel)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.eos = eos_ids(loaded)
@@ -84,6 +87,8 @@ class FastEngine:
         self.on_batch = on_batch or (lambda rows, tokens: None)
         self.capture_seconds = 0.0
         self.prefill_seconds = 0.0
+        self.prefill_gpu_seconds = 0.0  # GPU time between each prefill's start and end events
+        self._prefill_events = []  # (start, end) CUDA events not yet added up
         self.steps = 0
         self.oom_splits = 0  # times the slots were halved after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory alone in one slot (they end in error)
@@ -322,9 +327,18 @@ class FastEngine:
             slots, rows = zip(*group)
             self._admit([row.request for row in rows], list(slots), [row_seed(seed, row.key) for row in rows])
 
+    def _add_prefill_events(self) -> None:
+        """Adds up the prefills' GPU time; only after a host sync, when their events have completed."""
+        self.prefill_gpu_seconds += sum(start.elapsed_time(end) for start, end in self._prefill_events) / 1000
+        self._prefill_events.clear()
+
     def stats(self) -> dict:
-        """Where the time went (host-side seconds), for the manifest."""
+        """Where the time went, for the manifest: host-side seconds, and the prefills' GPU seconds."""
+        if self._prefill_events:
+            self._prefill_events[-1][1].synchronize()
+            self._add_prefill_events()
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
+                "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3),
                 "decode_steps": self.steps, "slots": self._shape[0] if self._shape else None,
                 "oom_splits": self.oom_splits, "oom_errors": self.oom_errors}
 
@@ -346,6 +360,10 @@ class FastEngine:
 
         dev = self.device
         started = time.monotonic()
+        if dev.type == "cuda":
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+            self._prefill_events.append(events)
         with prefill_attention():  # the vision tower and the decoder
             ids, x, positions, offsets = self._inputs(group)
             n, width = ids.shape
@@ -376,11 +394,14 @@ class FastEngine:
         self.seeds[slot_idx] = seeds_t
         self.out[slot_idx, 0] = first
         self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
+        if dev.type == "cuda":
+            events[1].record()
         # No sync: the host prepares the next group while the GPU runs this one (seconds are host-side).
         self.prefill_seconds += time.monotonic() - started
 
     def _harvest(self, sched: Scheduler) -> Iterator[tuple[Any, Completion]]:
         done = self.done.tolist()  # the one host sync per replay
+        self._add_prefill_events()
         finished = [s for s, row in enumerate(sched.slots) if row is not None and done[s]]
         if not finished:
             return

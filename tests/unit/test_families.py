@@ -77,3 +77,36 @@ def test_models_left_out_say_why(family_models):
         config.model_type = "llama"
         del config.quantization_config
     assert unsupported_reason(loaded) is None
+
+
+@pytest.mark.parametrize("family, per_layer", [("llama", 2), ("qwen2-window", 2), ("gemma3-text", 2), ("qwen3-moe", 1),
+                                               ("gpt-oss", 1), ("phi3", 0)])
+def test_fused_projections_compute_the_same(family_models, family, per_layer):
+    """The GPU's fused q/k/v and gate/up (engine/arch/fuse.py), checked on the CPU: the layer code gives the
+    same logits through them as through the separate projections, the model's own forward is unchanged
+    (its modules read views of the fused matrices), and no parameter is added."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from airflow_hfllm.engine.arch.fuse import fuse_projections
+    from airflow_hfllm.engine.decoder import Decoder
+
+    model = AutoModelForCausalLM.from_pretrained(family_models(family)).eval()  # not the cached one: fused below
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    n, t = ids.shape
+
+    def logits():
+        decoder = Decoder(model, kernel=False)
+        cache = lambda: [torch.zeros(n, decoder.kv_heads, t, decoder.head_dim) for _ in decoder.layers]  # noqa: E731
+        with torch.no_grad():
+            return (decoder.prefill(cache(), cache(), decoder.base.embed_tokens(ids), torch.arange(t).expand(n, t),
+                                    torch.full((n,), t), torch.arange(n)), model(ids).logits)
+
+    layer_code, forward = logits()
+    size = sum(p.numel() for p in model.parameters())
+    assert fuse_projections(model) == per_layer * model.config.num_hidden_layers
+    assert fuse_projections(model) == 0  # once only
+    assert sum(p.numel() for p in model.parameters()) == size
+    fused, forward_after = logits()
+    assert torch.allclose(fused, layer_code, atol=1e-5, rtol=1e-5)
+    assert torch.equal(forward_after, forward)
