@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
 from airflow_hfllm.engine.arch.fuse import fuse_projections
 from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
+from airflow_hfllm.engine.loading import quant_method
 
 if TYPE_CHECKING:
     from airflow_hfllm.engine.loading import LoadedModel
@@ -22,9 +23,9 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     if reason:
         return reason
     cfg = text_config(model.config)
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or \
-            getattr(cfg, "quantization_config", None):
-        return "quantized weights"
+    method = quant_method(cfg)
+    if method and method not in FAST_QUANT:
+        return f"quantized weights ({method})"
     if type(model).__name__.startswith("Peft"):
         return "unmerged PEFT adapter"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
@@ -36,6 +37,10 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
             or not hasattr(model, "lm_head"):
         return "unexpected module layout"
     return None
+
+
+# bitsandbytes' Linear4bit / Linear8bitLt are the model's own modules, which the layer code calls
+FAST_QUANT = ("bitsandbytes",)
 
 
 def window_of(cfg, attn) -> int | None:

@@ -21,8 +21,8 @@ prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A row 
 slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the memory it needs.
 
 The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache.
-Supported: the families of ``engine/arch`` (the coverage table), unquantized, adapters merged. Anything
-else takes the batched ``generate()`` path (``engine/generate.py``), and the job logs why.
+Supported: the families of ``engine/arch`` (the coverage table), unquantized or in bitsandbytes 8-bit
+(without CUDA graphs) or 4-bit, adapters merged. Anything else takes the batched ``generate()`` path (``engine/generate.py``), and the job logs why.
 """
 
 from __future__ import annotations
@@ -82,7 +82,11 @@ class FastEngine:
         self.max_slots = slots
         self.steps_per_sync = steps_per_sync
         self.prefill_tokens = prefill_tokens
-        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        if cuda_graphs is None:
+            # bitsandbytes' 8-bit matmul asks the host whether a batch has outlier columns (LLM.int8's split)
+            # on every call, which a CUDA graph cannot hold: its steps run eagerly
+            cuda_graphs = self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
+        self.cuda_graphs = cuda_graphs
         self.should_stop = should_stop or (lambda: False)
         self.on_batch = on_batch or (lambda rows, tokens: None)
         self.capture_seconds = 0.0

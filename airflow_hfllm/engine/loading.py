@@ -131,7 +131,8 @@ def load(spec: ModelSpec, hub: HubOptions | None = None) -> LoadedModel:
         return _load(spec, hub)
 
 
-def _quant_method(config) -> str | None:
+def quant_method(config) -> str | None:
+    """The ``quant_method`` of a config's ``quantization_config`` (a dict or a transformers config object)."""
     quant = getattr(config, "quantization_config", None) or {}
     return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
 
@@ -154,7 +155,7 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     elif spec.task == "causal-lm":
         # Read once here and handed to from_pretrained, which would read it again.
         kwargs["config"] = transformers.AutoConfig.from_pretrained(spec.model, **common)
-        if _quant_method(kwargs["config"]) == "mxfp4":
+        if quant_method(kwargs["config"]) == "mxfp4":
             # gpt-oss ships its experts in MXFP4: dequantized to the load dtype, so the fast engine runs them
             # (whether or not the worker has the `kernels` package that would keep them MXFP4)
             kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)

@@ -101,23 +101,26 @@ def test_cache_key_covers_quantization_and_adapter(tiny_lm, adapter):
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_quantized_model_runs_a_job_and_the_fast_engine_refuses_it(tiny_lm, tmp_path, caplog, quantization):
+def test_quantized_model_runs_a_job_on_either_engine(tiny_lm, tmp_path, quantization):
+    """bitsandbytes modules are the model's own, so the fast engine's layer code runs them (on a GPU, 4-bit
+    inside CUDA graphs, 8-bit eagerly). Their matmuls depend on the batch's shape (8-bit splits outlier
+    columns found over the whole batch; 4-bit computes in bf16), so the engines agree on most rows, not all."""
     write_prompts(tmp_path / "in.parquet", 12)
     run = lambda engine: TextJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / engine),  # noqa: E731
                                  model=ModelSpec(tiny_lm, quantization=quantization), params=GREEDY,
                                  chunk_rows=6, engine=engine).run()
-    with caplog.at_level(logging.INFO):
-        manifest = run("auto")
-    assert manifest["engine"] == "batched-generate" and manifest["counts"]["generated"] == 12
-    assert manifest["model"]["quantization"] == quantization
-    assert manifest["model"]["double_quant"] is (True if quantization == "4bit" else None)
-    assert "quantized weights" in caplog.text  # the log says why the fast engine did not run
-    assert "MatMul8bitLt" not in caplog.text  # fp16 compute: no per-matmul cast warnings
-    out = pd.read_parquet(tmp_path / "auto")
-    assert len(out) == 12 and (out.output_tokens == GREEDY.max_new_tokens).sum() >= 6
-    assert out.output.str.split().str.len().min() >= 8
-    with pytest.raises(ValueError, match=r"engine='fast' cannot run .*: quantized weights"):
-        run("fast")
+    manifests = {engine: run(engine) for engine in ("auto", "fast")}
+    assert manifests["auto"]["engine"] == "batched-generate"  # CPU
+    assert manifests["fast"]["engine"] == "fast"
+    for manifest in manifests.values():
+        assert manifest["counts"]["generated"] == 12
+        assert manifest["model"]["quantization"] == quantization
+        assert manifest["model"]["double_quant"] is (True if quantization == "4bit" else None)
+    auto, fast = (pd.read_parquet(tmp_path / engine).sort_values("id") for engine in ("auto", "fast"))
+    assert (auto.output_tokens == GREEDY.max_new_tokens).sum() >= 6
+    assert auto.output.str.split().str.len().min() >= 8
+    # measured 11/12 (4bit) and 8/12 (8bit) rows equal; a broken path agrees on none
+    assert (auto.output.values == fast.output.values).sum() >= 6
 
 
 def test_fast_engine_runs_a_merged_adapter_and_refuses_an_unmerged_one(tiny_lm, adapter, tmp_path, caplog):
@@ -199,7 +202,7 @@ def test_cli_with_adapter_over_8bit_model(tiny_lm, adapter, tmp_path):
     manifest = json.loads(done.stdout)
     assert manifest["model"]["quantization"] == "8bit" and manifest["model"]["adapter"] == adapter
     assert manifest["model"]["merge_adapter"] is False  # never merged into quantized weights
-    assert manifest["engine"] == "batched-generate" and "quantized weights" in done.stderr
+    assert manifest["engine"] == "batched-generate" and "unmerged PEFT adapter" in done.stderr
     assert "MatMul8bitLt" not in done.stderr
     out = pd.read_parquet(tmp_path / "out")
     assert len(out) == 8 and out.output.str.split().str.len().min() >= 6
