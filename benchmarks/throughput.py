@@ -55,6 +55,14 @@ SHAPES = {  # name -> (model_type, config): real shapes, random weights
     "phi4-14b": ("phi3", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
                               intermediate_size=17920, vocab_size=100352, tie_word_embeddings=False,
                               rope_theta=250_000.0)),
+    # longrope (Phi-4-mini, Phi-3.5): not on the fast path (docs/design.md, Model families); padded only
+    "phi4-mini": ("phi3", dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                               intermediate_size=8192, vocab_size=200064, tie_word_embeddings=True,
+                               partial_rotary_factor=0.75, max_position_embeddings=131072,
+                               original_max_position_embeddings=4096,
+                               rope_parameters=dict(rope_type="longrope", rope_theta=10_000.0,
+                                                    short_factor=[1.0] * 48, long_factor=[1.0 + i / 2 for i in range(48)],
+                                                    original_max_position_embeddings=4096))),
 }
 PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
@@ -80,7 +88,7 @@ def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, 
 
     torch.manual_seed(0)
     model_type, arguments = SHAPES[shape]
-    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, **arguments)
+    config = AutoConfig.for_model(model_type, **{"max_position_embeddings": 4096, **arguments})
     config.eos_token_id = None  # rows run to max_new_tokens
     config.pad_token_id = 0
     started = time.monotonic()
