@@ -70,13 +70,15 @@ QUANT_PATHS = ("padded", "ours", "ours-sdpa")  # the paths that take --quantizat
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 
 
-def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, checkpoint_dir: str = CHECKPOINT_DIR):
-    """A random-weight model of ``shape`` on the GPU, as a ``LoadedModel`` with an ids tokenizer.
+def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, checkpoint_dir: str = CHECKPOINT_DIR,
+          device: str = "cuda"):
+    """A random-weight model of ``shape`` on ``device``, as a ``LoadedModel`` with an ids tokenizer.
 
     :param shape: a key of ``SHAPES``.
     :param dtype: weights dtype when not quantized.
     :param quantization: ``None``/``"none"``, ``"8bit"`` or ``"4bit"``: see :func:`build_quantized`.
     :param checkpoint_dir: where the quantized path keeps the random checkpoint it loads back.
+    :param device: ``"cpu"`` for tiny shapes on machines without a GPU (unquantized only).
     """
     if quantization not in (None, "none"):
         return build_quantized(shape, quantization, checkpoint_dir)
@@ -94,15 +96,16 @@ def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, 
     started = time.monotonic()
     torch_dtype = getattr(torch, dtype)
     torch.set_default_dtype(torch_dtype)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config)
     torch.set_default_dtype(torch.float32)
     model.eval().requires_grad_(False)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     loaded = LoadedModel(ModelSpec(f"random-{shape}", dtype=dtype), model, IdsTokenizer(),
-                         torch.device("cuda"), torch_dtype, time.monotonic() - started)
+                         torch.device(device), torch_dtype, time.monotonic() - started)
     return loaded
 
 
