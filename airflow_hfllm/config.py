@@ -22,6 +22,12 @@ KINDS = ("text", "vision")
 DEFAULT_MIN_PIXELS = 224 * 28 * 28  # the spec's
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 DEFAULT_MAX_BYTES = 64 * 2**20
+# What min_pixels and max_pixels mean, for every vision model (in transformers 5 they are the image
+# processor's size {"shortest_edge": min_pixels, "longest_edge": max_pixels}).
+PIXELS_MEAN = ("Counted on the resized image, whose sides are multiples of the model's patch size x 2 (its 2x2 "
+               "merge): 28 for Qwen2-VL/Qwen2.5-VL (14-pixel patches), 32 for Qwen3-VL (16-pixel patches), each such "
+               "square one image token; the default bounds are 224..1280 image tokens for Qwen2.5-VL, about 172..980 "
+               "for Qwen3-VL")
 
 # Where the kinds differ: vision rows are heavier (smaller parts), and the spec's image model was greedy.
 KIND_DEFAULTS = {"vision": {"chunk_rows": 256, "do_sample": False}}
@@ -334,14 +340,14 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class VisionOptions:
-    """How a vision job reads and resizes its images (Qwen2-VL / Qwen2.5-VL)."""
+    """How a vision job reads and resizes its images (Qwen2-VL / Qwen2.5-VL / Qwen3-VL)."""
 
     image_column: str = option("image", "image column: a path or URI (local, file://, s3://..., "
                                         "data:image/...;base64,), image bytes, or a list of those", kinds=("vision",))
-    min_pixels: int = option(DEFAULT_MIN_PIXELS, "fewest pixels of a resized image (the spec's 224*28*28)",
-                             templated=True, kinds=("vision",), minimum=1)
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "most pixels of a resized image (the spec's 1280*28*28)",
-                             templated=True, kinds=("vision",), minimum=1)
+    min_pixels: int = option(DEFAULT_MIN_PIXELS, f"fewest pixels of a resized image (the spec's 224*28*28). "
+                                                 f"{PIXELS_MEAN}", templated=True, kinds=("vision",), minimum=1)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "most pixels of a resized image (the spec's 1280*28*28), counted "
+                                                 "as min_pixels", templated=True, kinds=("vision",), minimum=1)
     allow_http_images: bool = option(False, "fetch http(s):// images (off: such rows get an error)",
                                      kinds=("vision",))
     max_image_bytes: int = option(DEFAULT_MAX_BYTES, "largest encoded image accepted", kinds=("vision",), minimum=1)

@@ -119,14 +119,17 @@ class Decoder:
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         return cos, sin
 
-    def _layers(self, x, positions, write, attend):
+    def _layers(self, x, positions, write, attend, deepstack=None):
         if self.layer_types is None:
             tables = [self.rope(x, positions)] * len(self.layers)
         else:
             by_type = {t: self.rope(x, positions, t) for t in set(self.layer_types)}
             tables = [by_type[t] for t in self.layer_types]
-        for layer, (cos, sin) in zip(self.layers, tables):
+        mask, features = deepstack or (None, ())
+        for l, (layer, (cos, sin)) in enumerate(zip(self.layers, tables)):
             x = decoder_layer(layer, x, cos, sin, write, attend, (self.heads, self.kv_heads, self.head_dim))
+            if l < len(features):  # on the layer's output, as Qwen3-VL's _deepstack_process
+                x[mask] += features[l]
         return x
 
     def _logits(self, x):
@@ -159,9 +162,11 @@ class Decoder:
         probs = torch.cat([scores, sink], dim=-1).softmax(-1, dtype=torch.float32)[..., :-1]
         return probs.to(q.dtype) @ v
 
-    def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx):
+    def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx, deepstack=None):
         """Embedded prompts x [n, T, D], right-padded, into slots ``slot_idx``; returns last-position
-        logits [n, V]."""
+        logits [n, V]. ``deepstack`` (Qwen3-VL): ``(mask [n, T], features)``, features[l] [mask.sum(), D]
+        added to the output of layer l at the mask's positions (the image tokens), for the first
+        ``len(features)`` layers; decode steps hold no image tokens, so they need none."""
         import torch
 
         n, t, _ = x.shape
@@ -179,7 +184,7 @@ class Decoder:
             window = self.windows[l]
             return self._attention(q, k, v, masks[window] if window else None, scale, causal=True, sinks=self.sinks[l])
 
-        x = self._layers(x, positions, write, attend)
+        x = self._layers(x, positions, write, attend, deepstack)
         return self._logits(x[torch.arange(n, device=x.device), lengths - 1])
 
     def decode(self, k_cache, v_cache, tokens, pos, rope_offset, slots, columns):

@@ -352,12 +352,13 @@ class FastEngine:
 
     def _inputs(self, group: list[Request]):
         """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n]
-        or ``None``) of a prefill group, on the device."""
+        or ``None``, deepstack features or ``None``) of a prefill group, on the device; the last two are a
+        vision model's (:meth:`~airflow_hfllm.engine.decoder.Decoder.prefill`)."""
         import torch
 
         ids = self._padded_ids(group)
         positions = torch.arange(ids.shape[1], device=self.device).expand(*ids.shape)
-        return ids, self.base.embed_tokens(ids), positions, None
+        return ids, self.base.embed_tokens(ids), positions, None, None
 
     def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int]) -> None:
         import torch
@@ -369,7 +370,7 @@ class FastEngine:
             events[0].record()
             self._prefill_events.append(events)
         with prefill_attention():  # the vision tower and the decoder
-            ids, x, positions, offsets = self._inputs(group)
+            ids, x, positions, offsets, deepstack = self._inputs(group)
             n, width = ids.shape
             lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
             slot_idx = torch.tensor(slot_list, device=dev)
@@ -383,7 +384,7 @@ class FastEngine:
                 presence = self.presence
                 presence[slot_idx[rows[valid]], ids[valid]] = True
                 presence = presence[slot_idx]
-            logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx)
+            logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack)
         first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
         if self.presence is not None:
             self.presence[slot_idx, first] = True

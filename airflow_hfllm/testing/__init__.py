@@ -6,7 +6,7 @@ Not used by the jobs or the operators. The modules, each importing only those ab
 * :mod:`.tokenizer`: the one byte-level BPE tokenizer (vocabulary, corpus, special tokens),
 * :mod:`.weights`: wide random weights and EOS calibration, shared by the text and vision models,
 * :mod:`.text`: the causal LM and the safety checkers (seq2seq, classifier, Llama Guard),
-* :mod:`.vision`: the Qwen2.5-VL model with its image processor,
+* :mod:`.vision`: the Qwen2.5-VL and Qwen3-VL (dense, MoE) models with their image processor,
 * :mod:`.models`: ``make_tiny_model(path, kind)``, the one entry by kind (``hfllm make-tiny-model``).
 """
 

@@ -1,13 +1,14 @@
-"""Batched attention for Qwen2.5-VL's vision tower without flash-attn.
+"""Batched attention for the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers without flash-attn.
 
-The vision tower attends within windows (8 x 8 patches in 28 of 32 blocks) and within each image (the
-other 4). With flash-attn that is one varlen call per block; with any other attention implementation
-transformers splits the sequence and calls attention once per window, in Python: a batch of 256
-images at the default pixel bounds is ~20,000 windows, so ~600,000 small kernel launches per batch,
-which made the vision tower most of the time of a batch. :func:`pack_vision_attention` replaces the
-attention modules' ``forward`` (on this model's instances only) with one that gathers all sequences
-of equal length into one batched ``scaled_dot_product_attention`` call: a handful of calls per block,
-the same math (projections, rotary embedding, scaling) as the module's own.
+Qwen2.5-VL's tower attends within windows (8 x 8 patches in 28 of 32 blocks) and within each image (the
+other 4; Qwen2-VL's and Qwen3-VL's in every block). With flash-attn that is one varlen call per block;
+with any other attention implementation transformers splits the sequence and calls attention once per
+window (or image), in Python: a batch of 256 Qwen2.5-VL images at the default pixel bounds is ~20,000
+windows, so ~600,000 small kernel launches per batch, which made the vision tower most of the time of a
+batch. :func:`pack_vision_attention` replaces the attention modules' ``forward`` (on this model's
+instances only) with one that gathers all sequences of equal length into one batched
+``scaled_dot_product_attention`` call: a handful of calls per block, the same math (projections, rotary
+embedding, scaling) as the module's own.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def _packed_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, positi
 
 
 def pack_vision_attention(model) -> int:
-    """Patch the vision attention modules of ``model`` (Qwen2-VL / Qwen2.5-VL) to batched attention,
-    unless it runs flash-attn (already varlen). Returns how many modules were patched."""
+    """Patch the vision attention modules of ``model`` (Qwen2-VL / Qwen2.5-VL / Qwen3-VL) to batched
+    attention, unless it runs flash-attn (already varlen). Returns how many modules were patched."""
     visual = getattr(getattr(model, "model", model), "visual", None) or getattr(model, "visual", None)
     if visual is None or "flash" in str(getattr(visual.config, "_attn_implementation", "")):
         return 0

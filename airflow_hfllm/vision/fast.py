@@ -29,12 +29,13 @@ class _Pixels:
 
 
 class VisionFastEngine(FastEngine):
-    """The fast engine (:mod:`airflow_hfllm.engine.fast`) for Qwen2-VL / Qwen2.5-VL rows.
+    """The fast engine (:mod:`airflow_hfllm.engine.fast`) for Qwen2-VL / Qwen2.5-VL / Qwen3-VL rows.
 
     A prefill group runs the vision tower once over all its images (attention packed by
     :func:`~airflow_hfllm.vision.attention.pack_vision_attention`), scatters the image
     embeddings into the prompt embeddings and runs the decoder with the model's own multimodal rope
-    positions (``get_rope_index``). Decoding then needs no images: text positions after the prompt are
+    positions (``get_rope_index``); Qwen3-VL's deepstack features are added at the image tokens after its
+    first decoder layers. Decoding then needs no images: text positions after the prompt are
     equal on the three rope axes, which is plain rope at ``KV index + offset``, the offset being how
     many positions the images saved. Images are decoded, resized and patched in threads ahead of their
     admission; a row whose image fails ends with an ``error`` without taking a slot.
@@ -148,16 +149,34 @@ class VisionFastEngine(FastEngine):
         pixel_values = torch.cat([r.pixel_values for r in rows]).to(dev, non_blocking=True)
         grid = torch.cat([r.grid for r in rows]).to(dev)
         x = self.base.embed_tokens(ids)
-        features = self._image_features(pixel_values, grid)
-        features = getattr(features, "pooler_output", features)
-        if isinstance(features, (list, tuple)):
-            features = torch.cat(list(features))
+        embeds, deep = _features(self._image_features(pixel_values, grid))
         image = ids == self.image_token
-        x[image] = features.to(x.dtype)
+        x[image] = embeds.to(x.dtype)
+        # Qwen3-VL: features of early vision blocks, added to the image tokens' hidden states after the
+        # first decoder layers; the rows' images in order, as the scatter above
+        deepstack = (image, [f.to(x.dtype) for f in deep]) if deep else None
         kwargs = dict(image_grid_thw=grid, attention_mask=mask.long())
         if self._rope_takes_types:
             kwargs["mm_token_type_ids"] = image.int()
         positions, _ = self._rope_index(ids, **kwargs)
         # The next text position after each prompt, as an offset from its KV index.
         last = positions.masked_fill(~mask[None], -1).amax(dim=(0, 2))
-        return ids, x, positions, last + 1 - lengths
+        return ids, x, positions, last + 1 - lengths, deepstack
+
+
+def _features(out):
+    """(image embeddings [k, D], deepstack features: a list of [k, D], empty but for Qwen3-VL) of the vision
+    tower's output: a model output (transformers 5.2x) or tuples (earlier: the embeddings split per image,
+    for Qwen3-VL a pair of those and the deepstack list)."""
+    import torch
+
+    def joined(features):
+        return torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+
+    if hasattr(out, "pooler_output"):
+        embeds, deep = out.pooler_output, getattr(out, "deepstack_features", None) or []
+    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
+        embeds, deep = out
+    else:
+        embeds, deep = out, []
+    return joined(embeds), [joined(f) for f in deep]

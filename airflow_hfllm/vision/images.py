@@ -47,9 +47,10 @@ class ProbedImage:
 class ImageLoader:
     """Fetches, checks and resizes images.
 
-    :param min_pixels: fewest pixels after resizing (``224*28*28`` as the spec).
-    :param max_pixels: most pixels after resizing (``1280*28*28``).
-    :param factor: both sides of a resized image are multiples of this (patch size x merge size).
+    :param min_pixels, max_pixels: bounds of the pixel count after resizing
+        (:data:`~airflow_hfllm.config.PIXELS_MEAN`).
+    :param factor: both sides of a resized image are multiples of this (patch size x merge size: the
+        job sets the model's, 28 for Qwen2-VL/Qwen2.5-VL, 32 for Qwen3-VL).
     :param allow_http, fs, max_bytes, http_timeout: where images may come from and how they are read
         (:class:`~airflow_hfllm.vision.sources.SourceReader`).
     :param backend: ``auto`` (``qwen_vl_utils`` where it imports, else PIL), ``qwen-vl-utils`` or ``pil``.

@@ -1,4 +1,4 @@
-"""The vision kind of job: an image manifest in, one generation per row (Qwen2-VL / Qwen2.5-VL)."""
+"""The vision kind of job: an image manifest in, one generation per row (Qwen2-VL / Qwen2.5-VL / Qwen3-VL)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ class LoadedProcessor:
 
     @property
     def factor(self) -> int:
-        """Side of one language-model image token in pixels: patch size x merge size (28 for Qwen2.5-VL)."""
+        """Side of one language-model image token in pixels: the image processor's patch size x merge size,
+        as saved with the model (28 for Qwen2-VL/Qwen2.5-VL, 32 for Qwen3-VL's 16-pixel patches)."""
         ip = self.image_processor
         patch = getattr(ip, "patch_size", None) or 14
         merge = getattr(ip, "merge_size", None) or 2

@@ -1,6 +1,7 @@
 """Resizing of vision jobs' images as Qwen2.5-VL's ``qwen_vl_utils.fetch_image`` does: both sides
-multiples of ``factor`` (patch size x merge size, 28), pixel count within ``[min_pixels, max_pixels]``,
-aspect ratio kept (:func:`smart_resize`), RGBA composed over white, bicubic ``Image.resize``.
+multiples of ``factor`` (patch size x merge size: 28 for Qwen2-VL/Qwen2.5-VL, 32 for Qwen3-VL, the
+model's image processor's), pixel count within ``[min_pixels, max_pixels]``, aspect ratio kept
+(:func:`smart_resize`), RGBA composed over white, bicubic ``Image.resize``.
 
 Where ``qwen_vl_utils`` imports (GPU workers with torchvision) it does the conversion and resize
 (:func:`qwen_vl_utils_resize`); elsewhere (CPU, no torchvision) :func:`pil_resize`, which implements the

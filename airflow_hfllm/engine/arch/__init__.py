@@ -40,14 +40,26 @@ FAMILIES = {f.model_type: f for f in (
                             "layers, MoE with biased experts and a clamped SwiGLU (the model's own); MXFP4 checkpoints "
                             "dequantized at load"),
 )}
-VISION = ("qwen2_vl", "qwen2_5_vl")  # decoders with multimodal rope: VisionFastEngine
+# Decoders with multimodal rope, run by VisionFastEngine (tests/unit/test_vision.py, test_qwen3_vl.py).
+VISION = {f.model_type: f for f in (
+    Family("qwen2_vl", True, "as qwen2, with multimodal rope: the model's get_rope_index positions (t, h, w) "
+                             "in prefill, plain rope at KV index + offset in decode", "tests/unit/test_vision.py"),
+    Family("qwen2_5_vl", True, "as qwen2_vl; the vision tower's window attention packed by length",
+           "tests/unit/test_vision.py"),
+    Family("qwen3_vl", True, "as qwen3, with interleaved multimodal rope (the model's rotary module); 16-pixel "
+                             "patches merged 2x2 (one image token per 32x32 pixels); deepstack: features of "
+                             "early vision blocks added to the first decoder layers' outputs at the image tokens",
+           "tests/unit/test_qwen3_vl.py"),
+    Family("qwen3_vl_moe", True, "as qwen3_vl, with the model's sparse MoE block as the MLP (as qwen3_moe)",
+           "tests/unit/test_qwen3_vl.py"),
+)}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
 
 
 def family_reason(model_type: str, vision: bool = False) -> str | None:
     """Why the fast engine has no layer code for ``model_type``, or ``None`` when it has."""
     if vision:
-        return None if model_type in VISION else f"architecture {model_type!r} is not one of {VISION}"
+        return None if model_type in VISION else f"architecture {model_type!r} is not one of {tuple(VISION)}"
     family = FAMILIES.get(model_type)
     if family is None:
         return (f"architecture {model_type!r} is not one of the fast engine's families "
