@@ -11,14 +11,14 @@ range) with the query heads of its GQA group as the rows of one ``tl.dot``, and 
 the ranges by their log-sum-exp; an attention sink (gpt-oss) joins the softmax there as one more logit.
 Soft-capping (Gemma 2 style) caps the scaled scores before the softmax, as the model does.
 
-Imported only where Triton and CUDA are (:func:`airflow_hfllm.engine.decoder.decode_kernel`).
+Imported only where Triton and CUDA are (:func:`airflow_hfllm.engine.decoder.decode_kernel`); Triton's
+kernels are module-level functions, so it is imported at the top here (torch, as everywhere, in the call).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 
@@ -106,6 +106,8 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
                      softcap: float | None = None):
     """Attention output [slots, heads, head_dim] of queries ``q`` [slots, heads, head_dim] against the keys
     and values [slots, kv_heads, width, head_dim] at indices ``max(0, pos - window + 1) .. pos``."""
+    import torch
+
     slots, heads, head_dim = q.shape
     kv_heads, width = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads

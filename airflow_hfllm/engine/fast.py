@@ -2,27 +2,25 @@
 
 ``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest
 row. Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting
-row is prefilled into it, so the batch stays full. One decode step is the model's own modules (its
-norms, projections, MLP and rotary embedding, so the math is the model's) over a KV cache of fixed
-shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are
-captured once into a CUDA graph and replayed, so the host launches one graph instead of thousands of
-kernels. Sampling (temperature, top-k, top-p, repetition, presence and frequency penalties) happens on
-the device with a counter-based hash as its random source: row r's token at step t depends on (seed,
-row id, t) only, so a row's sample does not depend on what it was batched with, and no host sync is
-needed per step. The host syncs once per graph replay to harvest finished rows and admit new ones.
-Here is the runner (KV cache, prefill, decode steps, graphs); which rows wait and which slot each holds
-is ``engine/scheduler.py``, the forward pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler
-``engine/sampling.py``.
+row is prefilled into it, so the batch stays full. One decode step is the model's own modules (so the
+math is the model's) over a KV cache of fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer;
+on CUDA, ``steps_per_sync`` steps are captured once into a CUDA graph and replayed, so the host launches
+one graph instead of thousands of kernels. Sampling happens on the device with a counter-based hash as
+its random source: row r's token at step t depends on (seed, row id, t) only, so a row's sample does not
+depend on what it was batched with, and no host sync is needed per step. The host syncs once per graph
+replay to harvest finished rows and admit new ones. Here is the runner (KV cache, prefill, decode steps,
+graphs); which rows wait and which slot each holds is ``engine/scheduler.py``, the forward pass
+:class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
 CUDA out of memory (the KV cache, a prefill group, a graph capture) does not end the job: the rows in slots
-go back to the waiting window (they restart from their prompt with the same samples, which depend on
-seed, row id and step only), the state is rebuilt with half the slots (and, after a prefill, half the
-prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A row that does not fit in one
-slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the memory it needs.
+go back to the waiting window (they restart from their prompt with the same samples), the state is rebuilt
+with half the slots (and, after a prefill, half the prefill group), and the halvings are counted in
+:meth:`FastEngine.stats`. A row that does not fit in one slot ends in ``error``; a KV cache of one slot
+that does not fit is an error naming the memory it needs.
 
-The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache.
-Supported: the families of ``engine/arch`` (the coverage table), unquantized or in bitsandbytes 8-bit
-(without CUDA graphs) or 4-bit, adapters merged. Anything else takes the batched ``generate()`` path (``engine/generate.py``), and the job logs why.
+The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache. Supported:
+the families of ``engine/arch`` (the coverage table), unquantized or in bitsandbytes 8-bit (without CUDA
+graphs) or 4-bit, adapters merged; anything else takes batched ``generate()`` (``engine/generate.py``).
 """
 
 from __future__ import annotations
@@ -79,18 +77,14 @@ class FastEngine:
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.eos = eos_ids(loaded)
-        self.max_slots = slots
-        self.steps_per_sync = steps_per_sync
-        self.prefill_tokens = prefill_tokens
-        if cuda_graphs is None:
-            # bitsandbytes' 8-bit matmul asks the host whether a batch has outlier columns (LLM.int8's split)
-            # on every call, which a CUDA graph cannot hold: its steps run eagerly
-            cuda_graphs = self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
-        self.cuda_graphs = cuda_graphs
+        self.max_slots, self.steps_per_sync, self.prefill_tokens = slots, steps_per_sync, prefill_tokens
+        # bitsandbytes' 8-bit matmul asks the host whether a batch has outlier columns (LLM.int8's split) on
+        # every call, which a CUDA graph cannot hold: its steps run eagerly
+        self.cuda_graphs = (self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
+                            ) if cuda_graphs is None else cuda_graphs
         self.should_stop = should_stop or (lambda: False)
         self.on_batch = on_batch or (lambda rows, tokens: None)
-        self.capture_seconds = 0.0
-        self.prefill_seconds = 0.0
+        self.capture_seconds = self.prefill_seconds = 0.0  # host seconds
         self.prefill_gpu_seconds = 0.0  # GPU time between each prefill's start and end events
         self._prefill_events = []  # (start, end) CUDA events not yet added up
         self.steps = 0
@@ -127,8 +121,7 @@ class FastEngine:
         return slots, max_len
 
     def _release(self) -> None:
-        self._graph = None
-        self._shape = None
+        self._graph = self._shape = None
         for name in ("k_cache", "v_cache", "presence", "counts", "out"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -331,16 +324,16 @@ class FastEngine:
             slots, rows = zip(*group)
             self._admit([row.request for row in rows], list(slots), [row_seed(seed, row.key) for row in rows])
 
-    def _add_prefill_events(self) -> None:
-        """Adds up the prefills' GPU time; only after a host sync, when their events have completed."""
+    def _add_prefill_events(self, sync: bool = False) -> None:
+        """Adds up the prefills' GPU time: after a host sync (or ``sync``), their events have completed."""
+        if sync and self._prefill_events:
+            self._prefill_events[-1][1].synchronize()
         self.prefill_gpu_seconds += sum(start.elapsed_time(end) for start, end in self._prefill_events) / 1000
         self._prefill_events.clear()
 
     def stats(self) -> dict:
         """Where the time went, for the manifest: host-side seconds, and the prefills' GPU seconds."""
-        if self._prefill_events:
-            self._prefill_events[-1][1].synchronize()
-            self._add_prefill_events()
+        self._add_prefill_events(sync=True)
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
                 "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3),
                 "decode_steps": self.steps, "slots": self._shape[0] if self._shape else None,
@@ -366,9 +359,8 @@ class FastEngine:
         dev = self.device
         started = time.monotonic()
         if dev.type == "cuda":
-            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            events[0].record()
-            self._prefill_events.append(events)
+            self._prefill_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._prefill_events[-1][0].record()
         with prefill_attention():  # the vision tower and the decoder
             ids, x, positions, offsets, deepstack = self._inputs(group)
             n, width = ids.shape
@@ -400,7 +392,7 @@ class FastEngine:
         self.out[slot_idx, 0] = first
         self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
         if dev.type == "cuda":
-            events[1].record()
+            self._prefill_events[-1][1].record()
         # No sync: the host prepares the next group while the GPU runs this one (seconds are host-side).
         self.prefill_seconds += time.monotonic() - started
 
