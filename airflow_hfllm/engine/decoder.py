@@ -4,13 +4,10 @@ modules, over the fast engine's static KV cache, and which models it can run (:f
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
 from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
-
-if TYPE_CHECKING:
-    from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.loading import LoadedModel, quant_method
 
 
 def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
@@ -21,9 +18,11 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     if reason:
         return reason
     cfg = text_config(model.config)
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or \
-            getattr(cfg, "quantization_config", None):
-        return "quantized weights"
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return "quantized weights (bitsandbytes)"
+    method = quant_method(model.config) or quant_method(cfg)
+    if method and method != "fp8":  # FP8 checkpoints run as the loader's Fp8Linear (engine/fp8.py)
+        return f"quantized weights ({getattr(method, 'value', method)})"
     if type(model).__name__.startswith("Peft"):
         return "unmerged PEFT adapter"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}

@@ -72,7 +72,7 @@ def test_models_left_out_say_why(family_models):
         reason = unsupported_reason(loaded)
         assert "not one of the fast engine's families" in reason and "docs/design.md" in reason
         config.model_type, config.quantization_config = "gpt_oss", {"quant_method": "mxfp4"}
-        assert unsupported_reason(loaded) == "quantized weights"
+        assert unsupported_reason(loaded) == "quantized weights (mxfp4)"
     finally:
         config.model_type = "llama"
         del config.quantization_config
