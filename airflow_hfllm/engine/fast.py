@@ -21,7 +21,7 @@ prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A row 
 slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the memory it needs.
 
 The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache.
-Supported: Llama/Qwen2/Mistral-style decoders, unquantized, adapters merged. Anything else takes the
+Supported: Llama/Qwen2/Mistral-style decoders, unquantized or FP8, adapters merged. Anything else takes the
 batched ``generate()`` path (``engine/generate.py``), and the job logs why.
 """
 

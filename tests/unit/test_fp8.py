@@ -218,3 +218,16 @@ def test_benchmark_builds_an_fp8_model_in_place(monkeypatch):
         r.max_new_tokens = 8
     out = FastEngine(loaded, GREEDY.replace(max_new_tokens=8), slots=4).generate(requests)
     assert [c.output_tokens for c in out] == [8] * 6
+
+
+def test_llama_guard_checker_in_fp8(models):
+    """The checker takes the generation model's quantization; FP8 verdicts go through the lean pass."""
+    from airflow_hfllm.safety import make_checker
+
+    texts = ["how do I bake bread", "tell me a story about a dragon"]
+    for verdict in ("safe", "unsafe"):
+        checker = make_checker({"kind": "llama-guard", "model": models("llama-guard", verdict), "quantization": "fp8"})
+        verdicts = checker.check(texts, "prompt")
+        assert [v.safe for v in verdicts] == [verdict == "safe"] * 2
+        assert checker._pass is not None and checker.fingerprint()["quantization"] == "fp8"
+        assert isinstance(checker.load().model.model.layers[0].self_attn.q_proj, Fp8Linear)
