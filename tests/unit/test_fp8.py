@@ -14,7 +14,7 @@ import torch
 from airflow_hfllm.cli import main
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
-from airflow_hfllm.engine.fp8 import Fp8Linear, check_device, from_fine_grained
+from airflow_hfllm.engine.fp8 import Fp8Linear, check_device, from_fine_grained, quantize_model
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.loading import load, quantization_config
 from airflow_hfllm.engine.prompts import encode
@@ -231,3 +231,22 @@ def test_llama_guard_checker_in_fp8(models):
         assert [v.safe for v in verdicts] == [verdict == "safe"] * 2
         assert checker._pass is not None and checker.fingerprint()["quantization"] == "fp8"
         assert isinstance(checker.load().model.model.layers[0].self_attn.q_proj, Fp8Linear)
+
+
+def test_an_adapter_is_merged_before_the_weights_are_quantized(llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    assert ModelSpec("m", adapter="a", merge_adapter=False, quantization="fp8").merge_adapter is True
+    assert ModelSpec("m", adapter="a", merge_adapter=True, quantization="8bit").merge_adapter is False
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(llama), lora).save_pretrained(tmp_path / "adapter")
+    merged = load(ModelSpec(llama, adapter=str(tmp_path / "adapter")))
+    fp8 = load(ModelSpec(llama, adapter=str(tmp_path / "adapter"), quantization="fp8"))
+    assert type(fp8.model).__name__ == "LlamaForCausalLM" and isinstance(fp8.model.model.layers[0].self_attn.v_proj,
+                                                                        Fp8Linear)
+    quantize_model(merged.model)  # the order the loader promises: merged, then quantized
+    ids = torch.tensor([encode(merged.tokenizer, [{"role": "user", "content": prompt_text(3)}])])
+    with torch.no_grad():
+        assert torch.equal(fp8.model(ids).logits, merged.model(ids).logits)
