@@ -16,7 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-QUANTIZATIONS = (None, "8bit", "4bit")
+QUANTIZATIONS = (None, "8bit", "4bit", "fp8")
+BITSANDBYTES = ("8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KINDS = ("text", "vision")
 DEFAULT_MIN_PIXELS = 224 * 28 * 28  # the spec's
@@ -173,15 +174,18 @@ def _described(obj, later_only: bool) -> dict:
 class ModelSpec:
     """Identity of a loaded model: the model cache key. ``task`` is the Auto class to load with
     (``causal-lm``, ``seq2seq``, ``classifier`` or ``vision``). Options that change nothing are set to
-    one value, so that equal models get one key: ``double_quant`` is ``None`` unless 4-bit, and a
-    quantized adapter is never merged (merging LoRA into bitsandbytes weights would re-quantize them)."""
+    one value, so that equal models get one key: ``double_quant`` is ``None`` unless 4-bit, an adapter over
+    bitsandbytes weights is never merged (merging LoRA into them would re-quantize them), and one under FP8
+    always is (into the load-dtype weights, before they are quantized: LoRA cannot wrap an FP8 layer)."""
 
     model: str = option(help="hub id or local folder of the model", cli="--model", operator="base_model",
                         templated=True)
     revision: str | None = option(None, "model revision: branch, tag or commit", templated=True)
     dtype: str = option("auto", "auto: bfloat16 on a GPU (float16 where unsupported, and for 8bit), float32 on "
                                 "the CPU", choices=DTYPES)
-    quantization: str | None = option(None, "bitsandbytes: 8bit or 4bit (nf4); True means 8bit, as in the spec",
+    quantization: str | None = option(None, "bitsandbytes: 8bit or 4bit (nf4), True means 8bit as in the spec; fp8: "
+                                            "the decoder's linear layers in FP8 e4m3 with per-channel scales, on "
+                                            "the fast engine (GPUs of compute capability 8.9+: Ada, Hopper)",
                                       choices=QUANTIZATIONS)
     double_quant: bool | None = option(True, "4bit: also quantize the quantization constants (~0.4 bit less "
                                              "per weight)", kinds=("text",))
@@ -201,14 +205,14 @@ class ModelSpec:
         if not self.adapter:
             object.__setattr__(self, "merge_adapter", True)
         elif quantization:
-            object.__setattr__(self, "merge_adapter", False)
+            object.__setattr__(self, "merge_adapter", quantization not in BITSANDBYTES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def normalize_quantization(value) -> str | None:
-    """The spec's ``quantization=True`` meant 8-bit; accept it, plus ``"8bit"``/``"4bit"``."""
+    """The spec's ``quantization=True`` meant 8-bit; accept it, plus ``"8bit"``/``"4bit"``/``"fp8"``."""
     if value in (None, False, "", "none"):
         return None
     if value is True:
@@ -218,7 +222,9 @@ def normalize_quantization(value) -> str | None:
         return "8bit"
     if text in ("4bit", "nf4", "int4"):
         return "4bit"
-    raise ValueError(f"quantization must be one of none, 8bit, 4bit (or True for 8bit), got {value!r}")
+    if text in ("fp8", "float8", "e4m3"):
+        return "fp8"
+    raise ValueError(f"quantization must be one of none, 8bit, 4bit, fp8 (or True for 8bit), got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --models 0.5b,7b --batches standard,mixed
     python benchmarks/throughput.py --models 7b --batches standard --paths padded,ours --quantization none,8bit,4bit
+    python benchmarks/throughput.py --models 70b --batches standard --paths ours --quantization fp8
 
 Random-weight Qwen2 models of real shape are built in-process (no hub). The standard batch is 512
 seeded random-token prompts of 50-300 tokens with 128 new tokens each (EOS never ends a row: greedy on
@@ -17,6 +18,11 @@ model is saved once (bf16, ~15 GB for 7b, under ``--checkpoint-dir``) and loaded
 ``from_pretrained(quantization_config=...)`` as the operator would load it: the loader's own
 ``BitsAndBytesConfig`` (4bit: nf4, double quantization) and its ``dtype="auto"`` (fp16 for 8bit, bf16
 for 4bit). Weights GiB is ``model.get_memory_footprint()``; peak GiB is counted from after loading.
+
+``--quantization fp8`` quantizes the random bf16 model in process (``engine/fp8.py``: e4m3 weights with
+per-channel scales, activations per token) before the paths run. The ``70b`` shape does not fit on one
+GPU in bf16 (141 GB): its fp8 model is built in place (:func:`build_in_place`), layer by layer on the GPU,
+about 70 GB; it runs with ``--quantization fp8`` only.
 """
 
 from __future__ import annotations
@@ -63,7 +69,10 @@ SHAPES = {  # name -> (model_type, config): real shapes, random weights
                                rope_parameters=dict(rope_type="longrope", rope_theta=10_000.0,
                                                     short_factor=[1.0] * 48, long_factor=[1.0 + i / 2 for i in range(48)],
                                                     original_max_position_embeddings=4096))),
+    "70b": ("llama", dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False, rope_theta=500_000.0)),
 }
+IN_PLACE = ("70b",)  # too big for one GPU in bf16: fp8 only, built layer by layer
 PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
 QUANT_PATHS = ("padded", "ours", "ours-sdpa")  # the paths that take --quantization
@@ -76,23 +85,27 @@ def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, 
 
     :param shape: a key of ``SHAPES``.
     :param dtype: weights dtype when not quantized.
-    :param quantization: ``None``/``"none"``, ``"8bit"`` or ``"4bit"``: see :func:`build_quantized`.
+    :param quantization: ``None``/``"none"``, ``"8bit"`` or ``"4bit"`` (see :func:`build_quantized`), or
+        ``"fp8"`` (the bf16 model quantized in process; in place for the shapes of ``IN_PLACE``).
     :param checkpoint_dir: where the quantized path keeps the random checkpoint it loads back.
     :param device: ``"cpu"`` for tiny shapes on machines without a GPU (unquantized only).
     """
+    if quantization == "fp8" and shape in IN_PLACE:
+        return build_in_place(shape)
+    if quantization == "fp8":
+        return quantized_in_process(build(shape, dtype))
     if quantization not in (None, "none"):
         return build_quantized(shape, quantization, checkpoint_dir)
+    if shape in IN_PLACE:
+        raise ValueError(f"{shape} does not fit on one GPU in {dtype}: run it with --quantization fp8")
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from airflow_hfllm.engine.loading import LoadedModel
     from airflow_hfllm.config import ModelSpec
 
     torch.manual_seed(0)
-    model_type, arguments = SHAPES[shape]
-    config = AutoConfig.for_model(model_type, **{"max_position_embeddings": 4096, **arguments})
-    config.eos_token_id = None  # rows run to max_new_tokens
-    config.pad_token_id = 0
+    config = shape_config(shape)
     started = time.monotonic()
     torch_dtype = getattr(torch, dtype)
     torch.set_default_dtype(torch_dtype)
@@ -107,6 +120,75 @@ def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, 
     loaded = LoadedModel(ModelSpec(f"random-{shape}", dtype=dtype), model, IdsTokenizer(),
                          torch.device(device), torch_dtype, time.monotonic() - started)
     return loaded
+
+
+def shape_config(shape: str):
+    from transformers import AutoConfig
+
+    model_type, arguments = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **{"max_position_embeddings": 4096, **arguments})
+    config.eos_token_id = None  # rows run to max_new_tokens
+    config.pad_token_id = 0
+    return config
+
+
+def quantized_in_process(loaded):
+    """``loaded`` with its decoder layers quantized to FP8 (``engine/fp8.py``), as the loader does for
+    ``quantization="fp8"``."""
+    import dataclasses
+
+    import torch
+
+    from airflow_hfllm.engine.fp8 import quantize_model
+
+    started = time.monotonic()
+    quantize_model(loaded.model)
+    torch.cuda.synchronize()
+    return dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, quantization="fp8"),
+                               load_seconds=loaded.load_seconds + time.monotonic() - started)
+
+
+def build_in_place(shape: str, device: str = "cuda"):
+    """The random model of ``shape`` with FP8 decoder layers, never whole in bf16: built on the meta device,
+    then the embeddings, norm, rotary tables and lm_head made on ``device`` in bf16, and each decoder layer
+    made in bf16, given the model's own random init and quantized (``engine/fp8.py``) before the next. The
+    peak is the FP8 model plus one bf16 layer: ~70 GB for ``70b``, where bf16 would need 141 GB."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from airflow_hfllm.config import ModelSpec
+    from airflow_hfllm.engine.arch.layer import text_model
+    from airflow_hfllm.engine.fp8 import check_device, quantize_layer
+    from airflow_hfllm.engine.loading import LoadedModel
+
+    check_device(device)
+    torch.manual_seed(0)
+    started = time.monotonic()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
+    layers = list(text_model(model).layers)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+
+    def materialise(module, recurse: bool):
+        module.to_empty(device=device, recurse=recurse)
+        for m in module.modules() if recurse else [module]:
+            model._init_weights(m)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if id(module) not in in_layers:
+                materialise(module, recurse=False)
+        model.tie_weights()  # a tied lm_head again shares the embeddings' new weight
+        for layer in layers:
+            materialise(layer, recurse=True)
+            quantize_layer(layer)
+    model.eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return LoadedModel(ModelSpec(f"random-{shape}", dtype="bfloat16", quantization="fp8"), model, IdsTokenizer(),
+                       torch.device(device), torch.bfloat16, time.monotonic() - started)
 
 
 def random_checkpoint(shape: str, checkpoint_dir: str) -> str:
@@ -383,7 +465,8 @@ def main() -> int:
     parser.add_argument("--batches", default="standard,mixed")
     parser.add_argument("--paths", default="one-prompt,padded,generate_batch,ours")
     parser.add_argument("--quantization", default="none",
-                        help="comma list of none, 8bit, 4bit; quantized runs take the padded and ours paths only")
+                        help="comma list of none, 8bit, 4bit, fp8; quantized runs take the padded and ours paths "
+                             "only")
     parser.add_argument("--checkpoint-dir", default=CHECKPOINT_DIR,
                         help="where quantized runs save the random bf16 checkpoint they load back (~15 GB for 7b)")
     parser.add_argument("--dtype", default="bfloat16")

@@ -4,15 +4,11 @@ modules, over the fast engine's static KV cache, and which models it can run (:f
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
 from airflow_hfllm.engine.arch.fuse import fuse_projections
 from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
-from airflow_hfllm.engine.loading import quant_method
-
-if TYPE_CHECKING:
-    from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.loading import LoadedModel, quant_method
 
 
 def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
@@ -23,9 +19,9 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     if reason:
         return reason
     cfg = text_config(model.config)
-    method = quant_method(cfg)
+    method = quant_method(model.config) or quant_method(cfg)
     if method and method not in FAST_QUANT:
-        return f"quantized weights ({method})"
+        return f"quantized weights ({getattr(method, 'value', method)})"
     if type(model).__name__.startswith("Peft"):
         return "unmerged PEFT adapter"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
@@ -39,8 +35,9 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     return None
 
 
-# bitsandbytes' Linear4bit / Linear8bitLt are the model's own modules, which the layer code calls
-FAST_QUANT = ("bitsandbytes",)
+# the model's own modules, which the layer code calls: bitsandbytes' Linear4bit / Linear8bitLt, and FP8
+# checkpoints or load-time FP8 as the loader's Fp8Linear (engine/fp8.py)
+FAST_QUANT = ("bitsandbytes", "fp8")
 
 
 def window_of(cfg, attn) -> int | None:

@@ -19,7 +19,7 @@ with half the slots (and, after a prefill, half the prefill group), and the halv
 that does not fit is an error naming the memory it needs.
 
 The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache. Supported:
-the families of ``engine/arch`` (the coverage table), unquantized or in bitsandbytes 8-bit (without CUDA
+the families of ``engine/arch`` (the coverage table), unquantized, FP8, or bitsandbytes 8-bit (without CUDA
 graphs) or 4-bit, adapters merged; anything else takes batched ``generate()`` (``engine/generate.py``).
 """
 

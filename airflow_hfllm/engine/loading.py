@@ -50,12 +50,18 @@ def device_and_dtype(spec: ModelSpec):
 
 
 def quantization_config(spec: ModelSpec, device, dtype):
-    """``BitsAndBytesConfig`` for ``spec`` (``None`` when not quantized), after checking that the installed
-    bitsandbytes can run that mode on ``device``.
+    """``BitsAndBytesConfig`` for ``spec`` (``None`` when not quantized by bitsandbytes), after checking that
+    ``device`` can run the mode: the installed bitsandbytes for 8bit and 4bit, FP8 matmuls for fp8 (whose
+    weights are quantized after loading: :func:`airflow_hfllm.engine.fp8.quantize_model`).
 
     :raises ImportError: bitsandbytes is not installed.
-    :raises RuntimeError: bitsandbytes cannot run this mode on this device (no kernel or native library).
+    :raises RuntimeError: this device cannot run the mode (no kernel or native library; no FP8 matmuls).
     """
+    if spec.quantization == "fp8":
+        from airflow_hfllm.engine.fp8 import check_device
+
+        check_device(device)
+        return None
     if spec.quantization is None:
         return None
     try:
@@ -149,16 +155,20 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec.model, **common)
     auto_class = getattr(transformers, AUTO_CLASSES[spec.task])
     kwargs = dict(common, dtype=dtype, use_safetensors=True)
+    checkpoint_fp8 = None  # how a pre-quantized FP8 checkpoint loads
     quant = quantization_config(spec, device, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
     elif spec.task == "causal-lm":
         # Read once here and handed to from_pretrained, which would read it again.
         kwargs["config"] = transformers.AutoConfig.from_pretrained(spec.model, **common)
-        if quant_method(kwargs["config"]) == "mxfp4":
+        method = quant_method(kwargs["config"])
+        if method == "mxfp4":
             # gpt-oss ships its experts in MXFP4: dequantized to the load dtype, so the fast engine runs them
             # (whether or not the worker has the `kernels` package that would keep them MXFP4)
             kwargs["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+        elif method == "fp8":
+            kwargs["quantization_config"] = checkpoint_fp8 = fine_grained_fp8(kwargs["config"], spec, device)
     if device.type == "cuda":
         kwargs["device_map"] = "auto"  # straight to the GPU; without it from_pretrained loads on the CPU
     log.info(
@@ -168,8 +178,21 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
         f"{spec.adapter} ({'merged' if spec.merge_adapter else 'not merged'})" if spec.adapter else None, device,
     )
     model = auto_class.from_pretrained(spec.model, **kwargs)
+    if checkpoint_fp8 is not None and checkpoint_fp8.dequantize:
+        log.info("%s: FP8 checkpoint dequantized to %s (FP8 is kept for dense models without an adapter on a "
+                 "GPU with FP8 matmuls)", spec.model, str(dtype).removeprefix("torch."))
+    elif checkpoint_fp8 is not None:
+        from airflow_hfllm.engine.fp8 import adopt
+
+        log.info("%s: its %d FP8 linear layers kept in FP8", spec.model, adopt(model))
     if adapter:
         model = attach_adapter(model, spec, adapter)
+    if spec.quantization == "fp8":  # after merging an adapter: it merges into the load-dtype weights
+        from airflow_hfllm.engine.fp8 import quantize_model
+
+        quantized = time.monotonic()
+        log.info("%s: %d linear layers quantized to FP8 in %.1f s", spec.model, quantize_model(model),
+                 time.monotonic() - quantized)
     model.eval()
     model.requires_grad_(False)
     if spec.task == "causal-lm":
@@ -177,6 +200,27 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
     seconds = time.monotonic() - started
     log.info("loaded %s in %.1f s", spec.model, seconds)
     return LoadedModel(spec, model, tokenizer, device, dtype, seconds)
+
+
+def fine_grained_fp8(config, spec: ModelSpec, device):
+    """The ``FineGrainedFP8Config`` loading a pre-quantized fine-grained FP8 checkpoint (``quant_method:
+    fp8``, e4m3 weights with block scales): kept in FP8 on a GPU with FP8 matmuls, as
+    :class:`~airflow_hfllm.engine.fp8.Fp8Linear` (transformers' own ``FP8Linear`` runs a Triton kernel it
+    fetches from the hub, which an offline worker cannot); dequantized to the load dtype elsewhere (the
+    CPU, older GPUs), for MoE models (their FP8 experts need that kernel too) and under an adapter (LoRA
+    merges into load-dtype weights). The checkpoint's own settings (block size, modules left unquantized)
+    are kept."""
+    import transformers
+
+    from airflow_hfllm.engine.arch.layer import text_config
+    from airflow_hfllm.engine.fp8 import capable
+
+    text = text_config(config)
+    moe = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    quant = config.quantization_config
+    fp8 = transformers.FineGrainedFP8Config.from_dict(quant if isinstance(quant, dict) else quant.to_dict())
+    fp8.dequantize = not capable(device) or bool(moe) or bool(spec.adapter)
+    return fp8
 
 
 def attach_adapter(model, spec: ModelSpec, folder: str):

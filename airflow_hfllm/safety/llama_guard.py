@@ -94,8 +94,11 @@ class LlamaGuardChecker(SafetyChecker):
     :param template: ``auto`` (the tokenizer's chat template when it is Llama Guard's, else the
         built-in Llama Guard 3 prompt), ``model`` or ``builtin``.
     :param dtype: the checker's weights dtype (``auto``: bf16 on GPU, fp32 on CPU).
+    :param quantization: as the generation model's (:class:`~airflow_hfllm.config.ModelSpec`): ``fp8`` keeps
+        the decoder's linear layers in FP8, which the lean pass runs; ``8bit``/``4bit`` take transformers'
+        forward.
     :param fast: verdicts through the lean pass of :mod:`~airflow_hfllm.safety.verdict_pass` where the
-        model's layout allows (Llama/Qwen2/Mistral-style, unquantized); ``False``: transformers' forward.
+        model's layout allows (Llama/Qwen2/Mistral-style, unquantized or FP8); ``False``: transformers' forward.
     :param compile: ``torch.compile`` the decoder (dynamic shapes), fusing the norms, rotary and MLP
         activations that otherwise cost as much GPU time as the matmuls. Default: on CUDA, unless the
         run said (:meth:`expect`) it has fewer than ``COMPILE_MIN_TEXTS`` texts to check, too few to
@@ -105,10 +108,11 @@ class LlamaGuardChecker(SafetyChecker):
     def __init__(self, model: str, *, revision: str | None = None, hub: HubOptions | None = None,
                  threshold: float = 0.5, batch_size: int = 128, token_budget: int = 32_768,
                  max_length: int = 4096, category_tokens: int = 16, template: str = "auto",
-                 compile: bool | None = None, dtype: str = "auto", fast: bool = True):
+                 compile: bool | None = None, dtype: str = "auto", quantization: str | None = None,
+                 fast: bool = True):
         if template not in ("auto", "model", "builtin"):
             raise ValueError(f"template must be 'auto', 'model' or 'builtin', got {template!r}")
-        self.spec = ModelSpec(model, revision=revision, dtype=dtype, task="causal-lm")
+        self.spec = ModelSpec(model, revision=revision, dtype=dtype, quantization=quantization, task="causal-lm")
         self.hub = hub
         self.threshold = threshold
         self.batch_size = batch_size
@@ -411,4 +415,5 @@ class LlamaGuardChecker(SafetyChecker):
     def fingerprint(self) -> dict:
         return {"checker": "llama-guard", "model": self.spec.model, "revision": self.spec.revision,
                 "threshold": self.threshold, "max_length": self.max_length, "template": self.template,
-                **({"dtype": self.spec.dtype} if self.spec.dtype != "auto" else {})}
+                **({"dtype": self.spec.dtype} if self.spec.dtype != "auto" else {}),
+                **({"quantization": self.spec.quantization} if self.spec.quantization else {})}

@@ -13,7 +13,7 @@ the prefix cache is concatenated through ``DynamicCache``. Here instead:
   MLP for each row's last token only (the only one whose logits are read): about 1/layers of the
   pass's matmul FLOPs saved.
 
-Supports what the fast engine supports (Llama/Qwen2/Mistral-style decoders, unquantized); anything
+Supports what the fast engine supports (Llama/Qwen2/Mistral-style decoders, unquantized or FP8); anything
 else keeps transformers' forward (:meth:`LlamaGuardChecker._run`).
 """
 

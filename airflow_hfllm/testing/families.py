@@ -152,3 +152,29 @@ def to_mxfp4(path: str | os.PathLike) -> None:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def to_fine_grained_fp8(path: str | os.PathLike, block: int = 32) -> None:
+    """Rewrite a tiny folder's decoder projections as a fine-grained FP8 checkpoint (``quant_method: fp8``,
+    as DeepSeek-V3 and the Qwen3 ``-FP8`` models ship): e4m3 weights with one fp32 scale per ``block`` x
+    ``block`` tile (``*.weight_scale_inv``, by which the e4m3 values are multiplied back). Real checkpoints
+    use 128 x 128 tiles; the tiny matrices take smaller ones. Lossy, as real FP8 is."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = pathlib.Path(path)
+    (weights,) = path.glob("*.safetensors")
+    tensors = load_file(weights)
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+        w = tensors[name].float()
+        tiles = w.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # [rows/b, b, cols/b, b]
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        tensors[name] = (tiles / scale[:, None, :, None]).flatten(2).flatten(0, 1).to(torch.float8_e4m3fn)
+        tensors[name.replace(".weight", ".weight_scale_inv")] = scale
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
