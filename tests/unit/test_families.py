@@ -79,9 +79,10 @@ def test_models_left_out_say_why(family_models):
     assert unsupported_reason(loaded) is None
 
 
-@pytest.mark.parametrize("family, per_layer", [("llama", 2), ("qwen2-window", 2), ("gemma3-text", 2), ("qwen3-moe", 1),
-                                               ("gpt-oss", 1), ("phi3", 0)])
-def test_fused_projections_compute_the_same(family_models, family, per_layer):
+@pytest.mark.parametrize("family, per_layer, fp8", [
+    ("llama", 2, False), ("qwen2-window", 2, False), ("gemma3-text", 2, False), ("qwen3-moe", 1, False),
+    ("gpt-oss", 1, False), ("phi3", 0, False), ("llama", 2, True), ("qwen2-window", 2, True)])
+def test_fused_projections_compute_the_same(family_models, family, per_layer, fp8):
     """The GPU's fused q/k/v and gate/up (engine/arch/fuse.py), checked on the CPU: the layer code gives the
     same logits through them as through the separate projections, the model's own forward is unchanged
     (its modules read views of the fused matrices), and no parameter is added."""
@@ -92,6 +93,10 @@ def test_fused_projections_compute_the_same(family_models, family, per_layer):
     from airflow_hfllm.engine.decoder import Decoder
 
     model = AutoModelForCausalLM.from_pretrained(family_models(family)).eval()  # not the cached one: fused below
+    if fp8:
+        from airflow_hfllm.engine.fp8 import quantize_model
+
+        quantize_model(model)
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     n, t = ids.shape
 

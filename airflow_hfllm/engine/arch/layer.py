@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-# set by engine/arch/fuse.py: (weight, bias, split sizes) of the fused q/k/v and gate/up projections
+# set by engine/arch/fuse.py: (one linear module, split sizes) of the fused q/k/v and gate/up projections
 QKV, GATE_UP = "fused_qkv", "fused_gate_up"
 
 
@@ -52,14 +52,12 @@ def rotate_half(x):
 
 def project_qkv(attn, h, dims: tuple[int, int, int]):
     """q, k, v [n, heads, T, head_dim] of normed hidden states h [n, T, D], q/k normed per head."""
-    import torch.nn.functional as F
-
     heads, kv_heads, head_dim = dims
     n, t, _ = h.shape
     fused = getattr(attn, QKV, None)
     if fused:
-        weight, bias, sizes = fused
-        q, k, v = F.linear(h, weight, bias).split(sizes, dim=-1)
+        linear, sizes = fused
+        q, k, v = linear(h).split(sizes, dim=-1)
     elif hasattr(attn, "qkv_proj"):
         q, k, v = attn.qkv_proj(h).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     else:
@@ -104,10 +102,8 @@ def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int])
 def mlp(layer, h):
     fused = getattr(layer.mlp, GATE_UP, None)
     if fused:
-        import torch.nn.functional as F
-
-        weight, bias, sizes = fused
-        gate, up = F.linear(h, weight, bias).split(sizes, dim=-1)
+        linear, sizes = fused
+        gate, up = linear(h).split(sizes, dim=-1)
         return layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
     out = layer.mlp(h)
     return out[0] if isinstance(out, tuple) else out  # gpt-oss's MoE block also returns its router scores
