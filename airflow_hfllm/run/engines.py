@@ -92,12 +92,16 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
     """The fast engine where the model and device allow (or ``engine='fast'`` asks), else batched
     ``generate()``; the log says which and why."""
     from airflow_hfllm.engine.fast import unsupported_reason
+    from airflow_hfllm.engine.loading import quant_method
 
     common = dict(should_stop=should_stop, on_batch=on_batch)
     (fast, fast_kwargs), batched = kind.engines(loaded, params, config, **common)
     reason = "asked for" if config.engine == "batched" else unsupported_reason(loaded, kind.vision)
     if reason is None and config.engine == "auto" and loaded.device.type != "cuda":
         reason = "no GPU (the fast engine's CUDA graphs need one)"
+    if reason is None and config.engine == "auto" and quant_method(loaded.model.config) == "bitsandbytes":
+        # tested on the CPU only so far (docs/design.md, "bitsandbytes"): the fast engine only when asked
+        reason = "bitsandbytes weights run on the fast engine only with engine='fast' until measured on a GPU"
     if reason is None:
         log.info("engine: fast (continuous batching, static KV cache%s) on %s",
                  ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
