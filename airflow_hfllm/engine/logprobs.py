@@ -11,8 +11,11 @@ def pick(logits, chosen, k: int):
     """(chosen tokens' log-probabilities [n], top-k log-probabilities [n, k], their ids [n, k]) from raw
     logits [n, V] and the tokens drawn [n]. float32: a bfloat16 log-softmax is off by ~0.01."""
     lp = logits.float().log_softmax(-1)
+    own = lp.gather(-1, chosen[:, None])[:, 0]
+    if not k:  # no empty top-k kernel in the CUDA graph
+        return own, lp[:, :0], chosen[:, None][:, :0].int()
     top = lp.topk(k, dim=-1)
-    return lp.gather(-1, chosen[:, None])[:, 0], top.values, top.indices.int()
+    return own, top.values, top.indices.int()
 
 
 def steps_record(logits, generated, k: int) -> list[tuple]:
