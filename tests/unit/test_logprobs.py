@@ -149,3 +149,17 @@ def test_kill_9_then_rerun_keeps_one_schema(tiny_lm, tmp_path):
     assert len(schemas) == 1 and pa.field("output_logprob", pa.float64()) in next(iter(schemas))
     rows = pd.read_parquet(out)
     assert sorted(rows.id) == list(range(300)) and rows.output_logprob.notna().all()
+
+
+def test_a_redacted_output_takes_its_tokens_with_it(tiny_lm, tmp_path):
+    write_prompts(tmp_path / "in" / "a.parquet", 10)
+    (tmp_path / "block.txt").write_text("zanzibarquux\n")
+    run_job(tiny_lm, tmp_path, "plain", "batched")
+    word = max(pd.read_parquet(tmp_path / "plain").set_index("id").output[0].split(), key=len)
+    (tmp_path / "block.txt").write_text(f"{word}\n")  # what row 0 writes: its output check fails
+    run_job(tiny_lm, tmp_path, "redacted", "batched", logprobs=1)
+    rows = pd.read_parquet(tmp_path / "redacted").set_index("id")
+    unsafe = rows[rows.finish_reason == "unsafe_output"]
+    assert 0 in unsafe.index and len(unsafe) < len(rows)
+    assert unsafe.output.isna().all() and unsafe.output_logprob.isna().all() and unsafe.top_logprobs.isna().all()
+    assert rows.drop(index=unsafe.index).top_logprobs.notna().all()
