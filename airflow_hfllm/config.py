@@ -249,6 +249,11 @@ class GenerationParams:
                                            "holds it (OpenAI's)", minimum=-2, maximum=2, since=2)
     num_return_sequences: int = option(1, "samples per prompt: one output row each, with a 'sample' column from 0 "
                                           "(id and sample together unique); needs sampling", minimum=1, since=2)
+    logprobs: int | None = option(
+        None, "K: add columns 'output_logprob' (the summed log-probability of the output's tokens) and "
+              "'top_logprobs' (per token: its id, text and log-probability, and the K likeliest tokens at its step); "
+              "the model's raw log-softmax, before penalties, temperature, top-k and top-p (0: no alternatives)",
+        minimum=0, maximum=20, kinds=("text",), metavar="K", since=2)
     min_length: int | None = option(None, "minimum new tokens", minimum=0)
     use_cache: bool = option(True, "KV cache during generation (batched generate() only)", cli="")
     seed: int | None = option(None, "sampling seed (none: one is drawn, kept in the output folder and reused by "

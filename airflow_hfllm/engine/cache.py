@@ -67,4 +67,16 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def in_memory(fn, *args) -> bool:
+    """``fn(*args)``; False when CUDA ran out of memory. The error ends here, before anything is freed or
+    retried: while it is handled, its traceback holds the failed call's frames and their tensors."""
+    import torch
+
+    try:
+        fn(*args)
+    except torch.OutOfMemoryError:
+        return False
+    return True
+
+
 MODEL_CACHE = ModelCache()

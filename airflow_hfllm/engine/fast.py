@@ -1,26 +1,25 @@
 """The fast engine: continuous batching over a static KV cache, decode steps replayed as a CUDA graph.
 
-``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest
-row. Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting
-row is prefilled into it, so the batch stays full. One decode step is the model's own modules (so the
-math is the model's) over a KV cache of fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer;
-on CUDA, ``steps_per_sync`` steps are captured once into a CUDA graph and replayed, so the host launches
-one graph instead of thousands of kernels. Sampling happens on the device with a counter-based hash as
-its random source: row r's token at step t depends on (seed, row id, t) only, so a row's sample does not
-depend on what it was batched with, and no host sync is needed per step. The host syncs once per graph
-replay to harvest finished rows and admit new ones. Here is the runner (KV cache, prefill, decode steps,
-graphs); which rows wait and which slot each holds is ``engine/scheduler.py``, the forward pass
+``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest row. Here a
+fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting row is prefilled into it,
+so the batch stays full. One decode step is the model's own modules (so the math is the model's) over a KV cache of
+fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are captured once
+into a CUDA graph and replayed, so the host launches one graph instead of thousands of kernels. Sampling happens on
+the device with a counter-based hash as its random source: row r's token at step t depends on (seed, row id, t)
+only, so a row's sample does not depend on what it was batched with, and no host sync is needed per step. The host
+syncs once per graph replay to harvest finished rows and admit new ones. Here is the runner (KV cache, prefill,
+decode steps, graphs); which rows wait and which slot each holds is ``engine/scheduler.py``, the forward pass
 :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
-CUDA out of memory (the KV cache, a prefill group, a graph capture) does not end the job: the rows in slots
-go back to the waiting window (they restart from their prompt with the same samples), the state is rebuilt
-with half the slots (and, after a prefill, half the prefill group), and the halvings are counted in
-:meth:`FastEngine.stats`. A row that does not fit in one slot ends in ``error``; a KV cache of one slot
-that does not fit is an error naming the memory it needs.
+CUDA out of memory (the KV cache, a prefill group, a graph capture) does not end the job: the rows in slots go back
+to the waiting window (they restart from their prompt with the same samples), the state is rebuilt with half the
+slots (and, after a prefill, half the prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A
+row that does not fit in one slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the
+memory it needs.
 
-The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache. Supported:
-the families of ``engine/arch`` (the coverage table), unquantized, FP8, or bitsandbytes 8-bit (without CUDA
-graphs) or 4-bit, adapters merged; anything else takes batched ``generate()`` (``engine/generate.py``).
+The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache. Supported: the
+families of ``engine/arch`` (the coverage table), unquantized, FP8, or bitsandbytes 8-bit (without CUDA graphs) or
+4-bit, adapters merged; anything else takes batched ``generate()`` (``engine/generate.py``).
 """
 
 from __future__ import annotations
@@ -30,8 +29,10 @@ import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from airflow_hfllm.engine.cache import free_memory, in_memory
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
 from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
+from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
 from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
@@ -96,6 +97,7 @@ class FastEngine:
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self.sample = Sampler(params, self.vocab, self.eos, self.device)
         self._counted = bool(params.presence_penalty or params.frequency_penalty)
+        self.columns = Columns(loaded.tokenizer)
 
     # -- sizing ------------------------------------------------------------------------------------
     def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
@@ -111,7 +113,8 @@ class FastEngine:
         elif self.device.type == "cuda":
             self._release()
             free, _ = torch.cuda.mem_get_info(self.device)
-            per_slot = (max_len * kv_bytes_per_token(self.model, self.dtype)
+            per_slot = (max_len * (kv_bytes_per_token(self.model, self.dtype)
+                                   + SlotLogprobs.bytes_per_token(self.params.logprobs))
                         + self.vocab * (12 if self._counted else 8))
             # Leave room for prefill activations and the allocator.
             slots = int(max(0, free - 6 * 2**30) * 0.85 // per_slot)
@@ -122,11 +125,9 @@ class FastEngine:
 
     def _release(self) -> None:
         self._graph = self._shape = None
-        for name in ("k_cache", "v_cache", "presence", "counts", "out"):
+        for name in ("k_cache", "v_cache", "presence", "counts", "out", "logprobs"):
             if hasattr(self, name):
                 delattr(self, name)
-        from airflow_hfllm.engine.cache import free_memory
-
         free_memory()
 
     def _allocate(self, slots: int, max_len: int) -> None:
@@ -152,6 +153,8 @@ class FastEngine:
                          if self.params.repetition_penalty != 1.0 else None)
         # how often each slot's row generated each token, for the presence and frequency penalties
         self.counts = torch.zeros((slots, self.vocab), device=dev) if self._counted else None
+        k = self.params.logprobs  # the raw log-probabilities of each step's token and its k likeliest
+        self.logprobs = None if k is None else SlotLogprobs(k, slots, max_len, dev)
         self.arange_slots = torch.arange(slots, device=dev)
         self.arange_len = torch.arange(max_len, device=dev)
         self._shape = (slots, max_len)
@@ -169,6 +172,8 @@ class FastEngine:
             live = ~self.done
             col = self.n_gen.clamp(max=self.out.shape[1] - 1)
             self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
+            if self.logprobs is not None:  # the raw logits: the sampler does not change them in place
+                self.logprobs.record(logits, nxt, self.arange_slots, col, live)
             if self.presence is not None:
                 self.presence[self.arange_slots, nxt] |= live
             if self.counts is not None:
@@ -245,12 +250,12 @@ class FastEngine:
                         return
                     if sched.needs_plan():
                         plan = self._plan([row.request for row in sched.waiting])
-                        if not self._in_memory(self._allocate, *plan):
+                        if not in_memory(self._allocate, *plan):
                             self._out_of_memory("allocating the KV cache", plan, sched)
                             continue
                         sched.resize(*self._shape)
                         self.done.fill_(True)
-                if not self._in_memory(self._admit_waiting, sched, seed):
+                if not in_memory(self._admit_waiting, sched, seed):
                     self._out_of_memory("prefill", self._shape, sched, prefill=True)
                     sched.refill()
                     continue
@@ -258,24 +263,12 @@ class FastEngine:
                 if not sched.running:  # every admitted row ended early (vision: bad images)
                     sched.refill()
                     continue
-                if not self._in_memory(self._run_steps):
+                if not in_memory(self._run_steps):
                     self._out_of_memory("decode", self._shape, sched)
                     sched.refill()
                     continue
                 yield from self._harvest(sched)
                 sched.refill()
-
-    @staticmethod
-    def _in_memory(fn, *args) -> bool:
-        """``fn(*args)``; False when CUDA ran out of memory. The error ends here, before anything is freed or
-        retried: while it is handled, its traceback holds the failed call's frames and their tensors."""
-        import torch
-
-        try:
-            fn(*args)
-        except torch.OutOfMemoryError:
-            return False
-        return True
 
     def _out_of_memory(self, where: str, plan: tuple[int, int], sched: Scheduler, prefill: bool = False) -> None:
         """After CUDA ran out of memory ``where`` with ``plan`` = (slots, max_len): the running rows go back
@@ -378,6 +371,8 @@ class FastEngine:
                 presence = presence[slot_idx]
             logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack)
         first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
+        if self.logprobs is not None:
+            self.logprobs.record(logits, first, slot_idx, torch.zeros_like(slot_idx))
         if self.presence is not None:
             self.presence[slot_idx, first] = True
         if self.counts is not None:  # the first token was drawn before the row had generated anything
@@ -404,10 +399,13 @@ class FastEngine:
             return
         counts = self.n_gen[finished].tolist()
         outputs = self.out[finished].tolist()
+        records = self.logprobs.read(finished, max(counts)) if self.logprobs is not None else [None] * len(counts)
         completions = []
-        for s, n, ids in zip(finished, counts, outputs):
+        for s, n, ids, record in zip(finished, counts, outputs, records):
             row = sched.release(s)
-            completions.append((row.tag, self._completion(ids[:n], row.request.max_new_tokens)))
+            completion = self._completion(ids[:n], row.request.max_new_tokens)
+            completion.logprob, completion.top_logprobs = self.columns(ids[:completion.output_tokens], record)
+            completions.append((row.tag, completion))
         self.on_batch(len(finished), sum(c.output_tokens for _, c in completions))
         yield from completions
 

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from airflow_hfllm.engine.cache import free_memory
 from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.logprobs import Columns, steps_record
 from airflow_hfllm.config import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Completion:
     output_tokens: int
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
+    logprob: float | None = None  # logprobs=K: the output's tokens' summed log-probability
+    top_logprobs: list | None = None  # and each token's, with its K likeliest alternatives
 
 
 def cut_at_stop(text: str, finish: str, stop: Sequence[str]) -> tuple[str, str]:
@@ -95,6 +98,8 @@ def generate_kwargs(params: GenerationParams, pad: int, eos: list[int], tokenize
         kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
     if params.presence_penalty or params.frequency_penalty:
         kwargs["logits_processor"] = penalties(params, width)
+    if params.logprobs is not None:  # every step's raw logits, kept until the batch ends
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     return kwargs
 
 
@@ -138,6 +143,7 @@ class BatchedGenerator:
         self.on_batch = on_batch or (lambda rows, tokens: None)
         self.eos = eos_ids(loaded)
         self.pad = loaded.tokenizer.pad_token_id
+        self.columns = Columns(loaded.tokenizer)
         self.oom_splits = 0  # batches split in two after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory on their own (they end in error)
         if params.num_beams == 1 and params.length_penalty != 1.0:
@@ -223,8 +229,13 @@ class BatchedGenerator:
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
             )
-        generated = out[:, width:].tolist()
-        return {i: self._completion(ids, requests[i].max_new_tokens) for i, ids in zip(batch, generated)}
+        generated = (out.sequences if p.logprobs is not None else out)[:, width:]
+        records = steps_record(out.logits, generated, p.logprobs) if p.logprobs is not None else [None] * len(batch)
+        done = {}
+        for i, ids, record in zip(batch, generated.tolist(), records):
+            done[i] = completion = self._completion(ids, requests[i].max_new_tokens)
+            completion.logprob, completion.top_logprobs = self.columns(ids[:completion.output_tokens], record)
+        return done
 
     def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
         finish = "length"

@@ -28,14 +28,20 @@ OUTPUT_FIELDS = (
     pa.field("prompt_tokens", pa.int32()),
     pa.field("output_tokens", pa.int32()),
 )
-# Only in folders written with them: reasoning=True, num_return_sequences > 1.
+# Only in folders written with them: reasoning=True, num_return_sequences > 1, logprobs=K.
 REASONING = pa.field("reasoning", pa.string())
 SAMPLE = pa.field("sample", pa.int32())
-OUTPUT_COLUMNS = ("id", SAMPLE.name, *(f.name for f in OUTPUT_FIELDS), REASONING.name)
+TOKEN = [("id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64())]
+LOGPROBS = (
+    pa.field("output_logprob", pa.float64()),
+    # per output token: the token, and the K likeliest at its step (which may or may not include it)
+    pa.field("top_logprobs", pa.list_(pa.struct([*TOKEN, ("top", pa.list_(pa.struct(TOKEN)))]))),
+)
+OUTPUT_COLUMNS = ("id", SAMPLE.name, *(f.name for f in OUTPUT_FIELDS), REASONING.name, *(f.name for f in LOGPROBS))
 
 
 def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict, reasoning: bool = False,
-                  samples: bool = False) -> pa.Schema:
+                  samples: bool = False, logprobs: bool = False) -> pa.Schema:
     fields = [pa.field("id", id_type), *([SAMPLE] if samples else []), OUTPUT_FIELDS[0],
-              *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:], *keep]
+              *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:], *(LOGPROBS if logprobs else ()), *keep]
     return pa.schema(fields, metadata={b"hfllm": json.dumps(metadata, sort_keys=True, default=str).encode()})

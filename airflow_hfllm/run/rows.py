@@ -42,6 +42,8 @@ class Row:
     output_safety: list = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    output_logprob: float | None = None
+    top_logprobs: list | None = None  # holds the output's tokens: nulled with it
 
     def fail(self, message: str) -> None:
         self.error, self.finish_reason = message, "error"
@@ -201,6 +203,7 @@ class Steps:
                 row.fail(done.error)
                 continue
             row.output, row.finish_reason, row.output_tokens = done.text, done.finish_reason, done.output_tokens
+            row.output_logprob, row.top_logprobs = done.logprob, done.top_logprobs
             if self.config.reasoning:
                 row.reasoning, row.output = split_reasoning(row.output)
             generated.append(row)
@@ -225,13 +228,13 @@ class Steps:
             row.error = judgement.error
         for row in rows:
             if row.error:
-                row.output = row.reasoning = None
+                row.output = row.reasoning = row.output_logprob = row.top_logprobs = None
                 row.fail(row.error)
             elif row.output_safe is False:
                 row.finish_reason = "unsafe_output"
                 self.progress.unsafe_output += 1
                 if self.config.on_unsafe_output == "redact":
-                    row.output = row.reasoning = None
+                    row.output = row.reasoning = row.output_logprob = row.top_logprobs = None
 
     def _table(self, chunk: Chunk, metadata: dict) -> pa.Table:
         table, keep_columns = chunk.table, self.config.keep_columns
@@ -239,7 +242,7 @@ class Steps:
         keep = [pa.field(c, table.schema.field(c).type) for c in keep_columns]
         samples = self.params.num_return_sequences > 1
         schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata, self.config.reasoning,
-                               samples)
+                               samples, self.params.logprobs is not None)
         if samples:  # a table row per sample
             table = table.take([row.index for row in chunk.rows])
         columns = {"id": table.column(self.config.id_column), **{c: table.column(c) for c in keep_columns}}

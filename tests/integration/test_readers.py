@@ -4,8 +4,9 @@ One folder is built through the real job from an input made to be awkward: two f
 int32 in one and int64 in the other, a keep column all-null in one file and string in the other, a
 chunk whose prompts are all blocked, chunks with none blocked, a chunk whose prompts are all null
 (its rows end in ``error``), and a temporary file left by a part write killed between write and
-rename. Then each reader reads it exactly as the README says, and must see every input id once, the
-nested safety verdicts and the keep column:
+rename, and ``logprobs=2`` for the deepest nested column. Then each reader reads it exactly as the README
+says, and must see every input id once, the nested safety verdicts and log-probabilities, and the keep
+column:
 
 - ``pandas.read_parquet(folder)``
 - ``pyarrow.dataset.dataset(folder, format="parquet")``
@@ -95,7 +96,7 @@ def folder(tiny_lm, tmp_path_factory):
 
     def job():
         return TextJob(input=str(root / "in"), output=str(out), model=ModelSpec(tiny_lm),
-                       params=GenerationParams(max_new_tokens=4, do_sample=False), chunk_rows=CHUNK_ROWS,
+                       params=GenerationParams(max_new_tokens=4, do_sample=False, logprobs=2), chunk_rows=CHUNK_ROWS,
                        keep_columns=["topic"], safety_checkers=[f"blocklist:{root / 'terms.txt'}"],
                        max_error_rate=1.0)
 
@@ -162,7 +163,7 @@ def _plain(value):
 def _check(rows: list[dict]) -> None:
     rows = [_plain(r) for r in rows]
     assert rows, "the reader returned no rows"
-    for column in ("id", "finish_reason", "prompt_safety", "output_safety", "error", "topic"):
+    for column in ("id", "finish_reason", "prompt_safety", "output_safety", "error", "topic", "top_logprobs"):
         assert column in rows[0], f"column {column!r} missing; the reader saw {sorted(rows[0])}"
     ids = [r["id"] for r in rows]
     assert sorted(ids) == ALL_IDS, (
@@ -179,6 +180,14 @@ def _check(rows: list[dict]) -> None:
         assert r["finish_reason"] in ("stop", "length") and r["prompt_safe"] is True, r
         assert r["prompt_safety"] == [SAFE_VERDICT], r
         assert r["output_safety"] == [SAFE_VERDICT], r
+        tokens = r["top_logprobs"]  # list<struct{id, token, logprob, top: list<struct{id, token, logprob}>}>
+        assert len(tokens) == r["output_tokens"] > 0, r
+        for t in tokens:
+            assert sorted(t) == ["id", "logprob", "token", "top"] and isinstance(t["token"], str), r
+            assert [a["id"] for a in t["top"]][:1] == [t["id"]] and len(t["top"]) == 2, r  # greedy
+        assert abs(r["output_logprob"] - sum(t["logprob"] for t in tokens)) < 1e-9, r
+    for i in BLOCKED_IDS | NULL_PROMPT_IDS:  # not generated
+        assert by_id[i]["top_logprobs"] is None and by_id[i]["output_logprob"] is None, by_id[i]
     for i in NULL_PROMPT_IDS:
         r = by_id[i]
         assert (r["finish_reason"], r["error"]) == ("error", "prompt is null"), r
