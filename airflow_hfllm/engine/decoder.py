@@ -49,8 +49,11 @@ def window_of(cfg, attn) -> int | None:
 
 def decode_kernel(device) -> object | None:
     """The Triton decode attention (:mod:`airflow_hfllm.engine.decode_kernel`) where it runs: CUDA with
-    Triton installed; else ``None`` (SDPA over the masked cache)."""
-    if device.type != "cuda":
+    Triton installed, on an Ampere GPU or newer (its bf16 ``tl.dot``); else ``None`` (SDPA over the masked
+    cache)."""
+    import torch
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
         return None
     try:
         from airflow_hfllm.engine.decode_kernel import decode_attention

@@ -33,6 +33,8 @@ CASES = [  # slots, heads, kv_heads, head_dim, width, window, sinks, softcap
     (64, 64, 8, 64, 256, 16, True, None),  # gpt-oss: sinks and a window
     (32, 8, 8, 64, 128, None, False, 50.0),  # no GQA, soft-capping
     (16, 14, 2, 64, 2048, None, True, 30.0),  # group 7 (Qwen2-0.5B), long cache
+    (24, 32, 32, 96, 256, None, False, None),  # head dim 96, not a power of two (Phi-3-mini)
+    (24, 32, 8, 80, 256, 32, False, None),  # head dim 80
 ]
 
 
