@@ -254,6 +254,14 @@ class GenerationParams:
     seed: int | None = option(None, "sampling seed (none: one is drawn, kept in the output folder and reused by "
                                     "retries)")
     stop: tuple[str, ...] = option((), "stop string (repeatable)")
+    json_schema: dict | str | None = option(
+        None, "outputs are JSON matching this schema: a dict, JSON text, or a path or URL of a JSON file (the "
+              "schema itself is part of the fingerprint)", kinds=("text",), metavar="FILE", since=2)
+    regex: str | None = option(None, "outputs match this regular expression (whole output; Rust regex syntax)",
+                               kinds=("text",), since=2)
+    choices: str | tuple[str, ...] | None = option(
+        None, "outputs are exactly one of these strings: a list, or a,b,c on the CLI", kinds=("text",),
+        metavar="A,B,C", since=2)
     length_penalty: float = option(1.0, "beam search only", cli="")
     num_beams: int = 1
 
@@ -263,6 +271,7 @@ class GenerationParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         check(self)
+        self._constrain()
         if self.do_sample and self.temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
         if not 0 < self.top_p <= 1:
@@ -270,9 +279,32 @@ class GenerationParams:
         if self.num_return_sequences > 1 and not self.do_sample:
             raise ValueError("num_return_sequences > 1 needs do_sample=True: greedy samples would all be the same")
 
+    def _constrain(self) -> None:
+        """At most one of json_schema, regex and choices, read (a schema file) and compiled here: a bad one is
+        an error before any model loads."""
+        choices = self.choices
+        if isinstance(choices, str):
+            choices = [c.strip() for c in choices.split(",")]
+        object.__setattr__(self, "choices", tuple(choices) if choices else None)
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            from airflow_hfllm.engine.grammar import load_schema
+
+            object.__setattr__(self, "json_schema", load_schema(self.json_schema))
+        given = [name for name in ("json_schema", "regex", "choices") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are set together: a job takes at most one of json_schema, regex "
+                             "and choices")
+        if self.choices and not all(isinstance(c, str) and c for c in self.choices):
+            raise ValueError(f"choices must be non-empty strings, got {list(self.choices)}")
+        if given:
+            from airflow_hfllm.engine.grammar import compile_grammar
+
+            compile_grammar(self.json_schema, self.regex, self.choices)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
+        d["choices"] = None if self.choices is None else list(self.choices)
         return d
 
     def replace(self, **changes) -> "GenerationParams":
