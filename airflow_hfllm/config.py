@@ -271,35 +271,17 @@ class GenerationParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         check(self)
-        self._constrain()
+        if (self.json_schema, self.regex, self.choices) != (None, None, None):  # read, checked and compiled now
+            from airflow_hfllm.engine.grammar import checked
+
+            for name, value in checked(self.json_schema, self.regex, self.choices).items():
+                object.__setattr__(self, name, value)
         if self.do_sample and self.temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.num_return_sequences > 1 and not self.do_sample:
             raise ValueError("num_return_sequences > 1 needs do_sample=True: greedy samples would all be the same")
-
-    def _constrain(self) -> None:
-        """At most one of json_schema, regex and choices, read (a schema file) and compiled here: a bad one is
-        an error before any model loads."""
-        choices = self.choices
-        if isinstance(choices, str):
-            choices = [c.strip() for c in choices.split(",")]
-        object.__setattr__(self, "choices", tuple(choices) if choices else None)
-        if self.json_schema is not None and not isinstance(self.json_schema, dict):
-            from airflow_hfllm.engine.grammar import load_schema
-
-            object.__setattr__(self, "json_schema", load_schema(self.json_schema))
-        given = [name for name in ("json_schema", "regex", "choices") if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(f"{' and '.join(given)} are set together: a job takes at most one of json_schema, regex "
-                             "and choices")
-        if self.choices and not all(isinstance(c, str) and c for c in self.choices):
-            raise ValueError(f"choices must be non-empty strings, got {list(self.choices)}")
-        if given:
-            from airflow_hfllm.engine.grammar import compile_grammar
-
-            compile_grammar(self.json_schema, self.regex, self.choices)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -234,6 +234,8 @@ class BatchedGenerator:
         return {i: self._completion(ids, requests[i].max_new_tokens) for i, ids in zip(batch, generated)}
 
     def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+        from airflow_hfllm.engine.grammar import judged
+
         finish = "length"
         for n, token in enumerate(ids):
             if token in self.eos:
@@ -248,5 +250,4 @@ class BatchedGenerator:
         text, finish = cut_at_stop(text, finish, self.params.stop)
         if finish == "length" and count < max_new_tokens:
             finish = "stop"
-        done = Completion(text, count, finish)
-        return done if self.constraint is None else self.constraint.judge(done, ids)
+        return judged(self.constraint, Completion(text, count, finish), ids)

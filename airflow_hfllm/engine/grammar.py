@@ -48,6 +48,26 @@ def load_schema(value) -> dict:
     return schema
 
 
+def checked(json_schema, regex, choices) -> dict:
+    """The job's constraint parameters as :class:`~airflow_hfllm.config.GenerationParams` keeps them (a schema
+    read, choices split at commas), once checked: at most one set, and it compiles. A ``ValueError`` names
+    the parameter, before any model loads."""
+    if isinstance(choices, str):
+        choices = [c.strip() for c in choices.split(",")]
+    choices = tuple(choices) if choices else None
+    if json_schema is not None:
+        json_schema = load_schema(json_schema)
+    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choices", choices))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are set together: a job takes at most one of json_schema, regex "
+                         "and choices")
+    if choices and not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"choices must be non-empty strings, got {list(choices)}")
+    compile_grammar(json_schema, regex, choices)
+    return {"json_schema": json_schema, "regex": regex, "choices": choices}
+
+
 def compile_grammar(json_schema: dict | None = None, regex: str | None = None,
                     choices: Sequence[str] | None = None) -> str | None:
     """The llguidance grammar of whichever parameter is set (``None`` when none is); a ``ValueError`` naming
@@ -92,7 +112,40 @@ class Constraint:
                                                       eos_token=list(eos) or None)
         self.words = (self.tokenizer.vocab_size + 31) // 32
         self.matchers: list = []
-        self.mask = None
+        self.mask = self.device_mask = None
+
+    def allocate(self, slots: int, device):
+        """The fast engine's masks: ``mask`` on the host (pinned on CUDA, for an asynchronous copy) and the
+        device buffer [slots, words] returned, which its decode step reads (a CUDA graph holds it)."""
+        import torch
+
+        host = torch.full((slots, self.words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.matchers, self.mask, self.active = [None] * slots, host.numpy(), set()
+        self.host, self.device_mask = host, torch.full_like(host, -1, device=device)
+        return self.device_mask
+
+    def admitted(self, slots: Sequence[int], first, done) -> None:
+        """Fast engine, after a prefill sampled ``first`` [n] (a device tensor) for ``slots`` under the masks
+        :meth:`start` filled: the matchers advanced, the rows whose grammar is complete ended in ``done``."""
+        self._advance(list(slots), first.tolist(), done)
+
+    def decoded(self, tokens, done) -> None:
+        """Fast engine, after one decode step wrote each live slot's token into ``tokens`` [slots]: the
+        matchers advanced, complete rows ended in ``done``, the next masks filled and copied to the device.
+
+        This is the host's share of a step and it needs the step's tokens: on a GPU, what can overlap is
+        the next step's forward pass (which needs the tokens, not the masks) with this, the masks being
+        applied only by the sampling after it; here the step runs whole, then this."""
+        self._advance(sorted(self.active), tokens[sorted(self.active)].tolist() if self.active else [], done)
+
+    def _advance(self, slots: list[int], tokens: list[int], done) -> None:
+        ended = [s for s, e in zip(slots, self.advance(slots, tokens)) if e]
+        if ended:
+            done[ended] = True
+        self.active.update(slots)
+        self.active.difference_update(s for s, d in zip(slots, done[slots].tolist()) if d)
+        self.fill(sorted(self.active))
+        self.device_mask.copy_(self.host, non_blocking=True)
 
     def matcher(self):
         from llguidance import LLMatcher
@@ -105,12 +158,17 @@ class Constraint:
 
         self.matchers = [None] * rows
         self.mask = np.full((rows, self.words), -1, dtype=np.int32)
+        self.device_mask = None
 
-    def start(self, rows: Sequence[int]) -> None:
-        """Fresh matchers for ``rows``, their masks filled for their first token."""
+    def start(self, rows: Sequence[int], device_rows=None):
+        """Fresh matchers for ``rows``, their masks filled for their first token; on the fast engine (given
+        ``device_rows``, the rows as a device tensor) copied to the device, and those rows' masks returned."""
         for r in rows:
             self.matchers[r] = self.matcher()
         self.fill(rows)
+        if device_rows is not None:
+            self.device_mask.copy_(self.host, non_blocking=True)
+            return self.device_mask[device_rows]
 
     def fill(self, rows: Sequence[int]) -> None:
         """The allowed next tokens of ``rows`` into ``mask``; a row whose matcher failed may take any token
@@ -149,6 +207,11 @@ class Constraint:
             return done
         return Completion(done.text, done.output_tokens, done.finish_reason,
                           CUT if done.finish_reason == "length" else STOPPED)
+
+
+def judged(constraint: Constraint | None, done: Completion, ids: Sequence[int]) -> Completion:
+    """``done`` as :meth:`Constraint.judge` sees it, or as it is when the job has no constraint."""
+    return done if constraint is None else constraint.judge(done, ids)
 
 
 def apply_mask(logits, mask):

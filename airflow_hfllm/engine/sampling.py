@@ -42,10 +42,15 @@ class Sampler:
         self.tokens = torch.arange(vocab, device=device)
         self.eos = torch.isin(self.tokens, torch.tensor(eos, device=device)) if eos else None
 
-    def __call__(self, logits, seeds, step, counts=None, presence=None):
+    def __call__(self, logits, seeds, step, counts=None, presence=None, mask=None):
         """``step`` [n]: the index of the token being drawn; ``counts`` [n, V]: the tokens each row generated;
-        ``presence`` [n, V]: the tokens in each row's prompt and output (repetition penalty)."""
+        ``presence`` [n, V]: the tokens in each row's prompt and output (repetition penalty); ``mask``
+        [n, V / 32]: the bitmask of the tokens each row's grammar allows (``engine/grammar.py``)."""
         p = self.params
+        if mask is not None:
+            from airflow_hfllm.engine.grammar import apply_mask
+
+            logits = apply_mask(logits, mask)
         logits = self.penalties(logits, counts, presence)
         if p.min_length and self.eos is not None:
             logits = logits.masked_fill((step < p.min_length)[:, None] & self.eos[None, :], float("-inf"))
