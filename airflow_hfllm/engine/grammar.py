@@ -173,14 +173,19 @@ class Constraint:
     def fill(self, rows: Sequence[int]) -> None:
         """The allowed next tokens of ``rows`` into ``mask``; a row whose matcher failed may take any token
         (its output is judged afterwards, and a row of all -inf logits would sample garbage anyway)."""
+        import llguidance
         import llguidance.numpy as lnp
 
+        live = []
         for r in rows:
             m = self.matchers[r]
             if m is None or m.is_error() or m.is_stopped():
                 self.mask[r] = -1
             else:
-                lnp.fill_next_token_bitmask(m, self.mask, r)
+                live.append((m, r))
+        if live:  # on the executor's threads (most of a step's host work with hundreds of slots)
+            self.executor = getattr(self, "executor", None) or llguidance.LLExecutor()
+            lnp.fill_next_token_bitmask_par(self.executor, live, self.mask)
 
     def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> list[bool]:
         """Each row's sampled token consumed; whether its grammar is now complete (or failed: the row ends)."""
