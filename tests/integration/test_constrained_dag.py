@@ -24,8 +24,7 @@ with DAG(dag_id="hfllm_constrained", schedule=None, start_date=pendulum.datetime
         task_id="generate", base_model={model!r}, input_path={input!r}, max_new_tokens=256,
     ).expand_kwargs([{{"output_path": {output!r} + "/dict", "json_schema": {schema!r}}},
                      {{"output_path": {output!r} + "/file", "json_schema": {schema_file!r}}},
-                     {{"output_path": {output!r} + "/choices", "choices": ["red", "green", "blue"],
-                       "max_new_tokens": 8}}])
+                     {{"output_path": {output!r} + "/choices", "choices": ["red", "green", "blue"]}}])
 '''
 
 
@@ -42,9 +41,11 @@ def test_constraints_from_the_operator(models, tmp_path):
 
     result, logs = run_dag(tmp_path, "hfllm_constrained", "2026-11-21", dags=dags)
     assert result["state"] == "success", logs[-5000:]
-    # the schema read from the file is the dict's: one fingerprint's worth of generation parameters
-    assert result["xcom"]["generate[0]"]["generation"]["json_schema"] == SCHEMA
-    assert result["xcom"]["generate[1]"]["generation"]["json_schema"] == SCHEMA
+    # the schema read from the file is the dict: the same parameters, the same fingerprint
+    xcom = result["xcom"]
+    assert xcom["generate[0]"]["generation"]["json_schema"] == xcom["generate[1]"]["generation"]["json_schema"] == SCHEMA
+    assert xcom["generate[0]"]["fingerprint"] == xcom["generate[1]"]["fingerprint"]
+    assert xcom["generate[2]"]["generation"]["choices"] == ["red", "green", "blue"]
     for name in ("dict", "file"):
         out = pd.read_parquet(tmp_path / "out" / name)
         assert len(out) == 8
