@@ -127,7 +127,8 @@ class Constraint:
     def admitted(self, slots: Sequence[int], first, done) -> None:
         """Fast engine, after a prefill sampled ``first`` [n] (a device tensor) for ``slots`` under the masks
         :meth:`start` filled: the matchers advanced, the rows whose grammar is complete ended in ``done``."""
-        self._advance(list(slots), first.tolist(), done)
+        slots = list(slots)
+        self._advance(slots, first.tolist(), done[slots].tolist(), done)
 
     def decoded(self, tokens, done) -> None:
         """Fast engine, after one decode step wrote each live slot's token into ``tokens`` [slots]: the
@@ -136,14 +137,19 @@ class Constraint:
         This is the host's share of a step and it needs the step's tokens: on a GPU, what can overlap is
         the next step's forward pass (which needs the tokens, not the masks) with this, the masks being
         applied only by the sampling after it; here the step runs whole, then this."""
-        self._advance(sorted(self.active), tokens[sorted(self.active)].tolist() if self.active else [], done)
+        import torch
 
-    def _advance(self, slots: list[int], tokens: list[int], done) -> None:
+        slots = sorted(self.active)
+        rows = torch.stack([tokens[slots], done[slots].long()], 1).tolist() if slots else []  # one host sync
+        self._advance(slots, [t for t, _ in rows], [d for _, d in rows], done)
+
+    def _advance(self, slots: list[int], tokens: list[int], stopped: list, done) -> None:
+        """``stopped``: the slots' ``done`` as the device left it (EOS, max_new_tokens)."""
         ended = [s for s, e in zip(slots, self.advance(slots, tokens)) if e]
         if ended:
             done[ended] = True
         self.active.update(slots)
-        self.active.difference_update(s for s, d in zip(slots, done[slots].tolist()) if d)
+        self.active.difference_update([*ended, *(s for s, d in zip(slots, stopped) if d)])
         self.fill(sorted(self.active))
         self.device_mask.copy_(self.host, non_blocking=True)
 
