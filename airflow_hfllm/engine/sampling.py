@@ -93,4 +93,7 @@ class Sampler:
 
         x = mix(seeds[:, None] ^ mix(step[:, None] * 1_000_003 + self.tokens[None, :] + 1))
         u = ((x >> 11) & ((1 << 52) - 1)).double().add(0.5).div(float(1 << 52)).float()
-        return (logits - torch.log(-torch.log(u))).argmax(-1)
+        # u can round to 1.0 in float32, making the noise +inf: a -inf logit (top-k, top-p, a grammar's mask)
+        # would then be NaN, which argmax picks
+        noisy = logits - torch.log(-torch.log(u))
+        return noisy.masked_fill(torch.isneginf(logits), float("-inf")).argmax(-1)

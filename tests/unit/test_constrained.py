@@ -149,3 +149,16 @@ def test_cli_json_schema_file_and_choices(tiny_lm, tmp_path, monkeypatch, capsys
     assert main([*job, "--output", str(tmp_path / "bad"), "--regex", "a(b"]) == 2
     assert "hfllm: error: regex is invalid" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_a_masked_token_is_never_drawn_even_when_the_noise_is_infinite(monkeypatch):
+    import torch
+
+    from airflow_hfllm.engine import sampling
+
+    # every uniform draw rounds to 1.0 in float32: Gumbel noise +inf, which made a -inf logit NaN (argmax's pick)
+    monkeypatch.setattr(sampling, "mix", lambda x: torch.full_like(x, -1))
+    sampler = sampling.Sampler(GenerationParams(top_k=0, top_p=1.0, temperature=1.0), 4, [], "cpu")
+    logits = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0]])
+    drawn = sampler(logits, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert drawn.item() in (1, 3)
