@@ -259,6 +259,14 @@ class GenerationParams:
     seed: int | None = option(None, "sampling seed (none: one is drawn, kept in the output folder and reused by "
                                     "retries)")
     stop: tuple[str, ...] = option((), "stop string (repeatable)")
+    json_schema: dict | str | None = option(
+        None, "outputs are JSON matching this schema: a dict, JSON text, or a path or URL of a JSON file (the "
+              "schema itself is part of the fingerprint)", kinds=("text",), metavar="FILE", since=2)
+    regex: str | None = option(None, "outputs match this regular expression (whole output; Rust regex syntax)",
+                               kinds=("text",), since=2)
+    choices: str | tuple[str, ...] | None = option(
+        None, "outputs are exactly one of these strings: a list, or a,b,c on the CLI", kinds=("text",),
+        metavar="A,B,C", since=2)
     length_penalty: float = option(1.0, "beam search only", cli="")
     num_beams: int = 1
 
@@ -268,6 +276,11 @@ class GenerationParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         check(self)
+        if (self.json_schema, self.regex, self.choices) != (None, None, None):  # read, checked and compiled now
+            from airflow_hfllm.engine.grammar import checked
+
+            for name, value in checked(self.json_schema, self.regex, self.choices).items():
+                object.__setattr__(self, name, value)
         if self.do_sample and self.temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy")
         if not 0 < self.top_p <= 1:
@@ -278,6 +291,7 @@ class GenerationParams:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
+        d["choices"] = None if self.choices is None else list(self.choices)
         return d
 
     def replace(self, **changes) -> "GenerationParams":

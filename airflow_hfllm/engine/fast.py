@@ -1,25 +1,23 @@
 """The fast engine: continuous batching over a static KV cache, decode steps replayed as a CUDA graph.
 
-``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest row. Here a
-fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting row is prefilled into it,
-so the batch stays full. One decode step is the model's own modules (so the math is the model's) over a KV cache of
-fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are captured once
-into a CUDA graph and replayed, so the host launches one graph instead of thousands of kernels. Sampling happens on
-the device with a counter-based hash as its random source: row r's token at step t depends on (seed, row id, t)
-only, so a row's sample does not depend on what it was batched with, and no host sync is needed per step. The host
-syncs once per graph replay to harvest finished rows and admit new ones. Here is the runner (KV cache, prefill,
-decode steps, graphs); which rows wait and which slot each holds is ``engine/scheduler.py``, the forward pass
-:class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
+``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest row.
+Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting row is
+prefilled into it, so the batch stays full. A decode step is the model's own modules over a KV cache of
+fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are
+captured once into a CUDA graph and replayed: one launch instead of thousands of kernels. Sampling is on
+the device with a counter-based hash as its random source: row r's token at step t depends on (seed, row
+id, t) only, not on its batch, and no host sync is needed per step. The host syncs once per replay
+to harvest finished rows and admit new ones (under a grammar, a replay is one step: ``engine/grammar.py``).
+Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
+pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
-CUDA out of memory (the KV cache, a prefill group, a graph capture) does not end the job: the rows in slots go back
-to the waiting window (they restart from their prompt with the same samples), the state is rebuilt with half the
-slots (and, after a prefill, half the prefill group), and the halvings are counted in :meth:`FastEngine.stats`. A
-row that does not fit in one slot ends in ``error``; a KV cache of one slot that does not fit is an error naming the
-memory it needs.
+CUDA out of memory (KV cache, prefill, graph capture) does not end the job: the rows in slots go back to
+the window (to restart from their prompt with the same samples), the state is rebuilt with half the slots
+(after a prefill, half the prefill group), counted in :meth:`FastEngine.stats`. A row that does not fit
+in one slot ends in ``error``; a KV cache of one slot that does not fit is an error naming its memory.
 
-The same code runs eagerly on the CPU, which is how CI tests the scheduling and the KV cache. Supported: the
-families of ``engine/arch`` (the coverage table), unquantized, FP8, or bitsandbytes 8-bit (without CUDA graphs) or
-4-bit, adapters merged; anything else takes batched ``generate()`` (``engine/generate.py``).
+The same code runs eagerly on the CPU (how CI tests it). Supported: ``engine/arch``'s families, unquantized,
+FP8, bitsandbytes 8-bit (no CUDA graphs) or 4-bit, adapters merged; anything else takes ``engine/generate.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at
 from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
 from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
+from airflow_hfllm.engine.grammar import constraint, judged
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
 from airflow_hfllm.engine.loading import LoadedModel
@@ -42,15 +41,14 @@ from airflow_hfllm.config import GenerationParams
 log = logging.getLogger(__name__)
 
 
-# 512 slots decoded the 7B standard batch 10% faster than 256 on an H200 (13,094 vs 11,876 tok/s, same
-# run, docs/benchmarks.md); more is unmeasured.
+# 512 slots: the 7B standard batch 10% faster than 256 on an H200 (docs/benchmarks.md); more is unmeasured
 MAX_SLOTS = 512
 
 class FastEngine:
     """Completions for many requests at once; see the module docstring.
 
     :param slots: rows decoding together; default from free GPU memory (at most :data:`MAX_SLOTS`), 16 on CPU.
-    :param steps_per_sync: decode steps per graph replay between host syncs.
+    :param steps_per_sync: decode steps per graph replay between host syncs (1 under a grammar).
     :param prefill_tokens: tokens (rows x longest prompt) per prefill call.
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
     :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
@@ -78,7 +76,9 @@ class FastEngine:
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.eos = eos_ids(loaded)
-        self.max_slots, self.steps_per_sync, self.prefill_tokens = slots, steps_per_sync, prefill_tokens
+        self.constraint = constraint(params, loaded.tokenizer, self.vocab, self.eos)
+        self.max_slots, self.prefill_tokens, self.steps_per_sync = slots, prefill_tokens, (
+            1 if self.constraint else steps_per_sync)
         # bitsandbytes' 8-bit matmul asks the host whether a batch has outlier columns (LLM.int8's split) on
         # every call, which a CUDA graph cannot hold: its steps run eagerly
         self.cuda_graphs = (self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
@@ -125,7 +125,7 @@ class FastEngine:
 
     def _release(self) -> None:
         self._graph = self._shape = None
-        for name in ("k_cache", "v_cache", "presence", "counts", "out", "logprobs"):
+        for name in ("k_cache", "v_cache", "presence", "counts", "out", "logprobs", "mask"):
             if hasattr(self, name):
                 delattr(self, name)
         free_memory()
@@ -155,6 +155,7 @@ class FastEngine:
         self.counts = torch.zeros((slots, self.vocab), device=dev) if self._counted else None
         k = self.params.logprobs  # the raw log-probabilities of each step's token and its k likeliest
         self.logprobs = None if k is None else SlotLogprobs(k, slots, max_len, dev)
+        self.mask = self.constraint.allocate(slots, dev) if self.constraint else None
         self.arange_slots = torch.arange(slots, device=dev)
         self.arange_len = torch.arange(max_len, device=dev)
         self._shape = (slots, max_len)
@@ -168,7 +169,7 @@ class FastEngine:
         for _ in range(count):
             logits = self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
                                          self.arange_slots, self.arange_len)
-            nxt = self.sample(logits, self.seeds, self.n_gen, self.counts, self.presence)
+            nxt = self.sample(logits, self.seeds, self.n_gen, self.counts, self.presence, self.mask)
             live = ~self.done
             col = self.n_gen.clamp(max=self.out.shape[1] - 1)
             self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
@@ -267,6 +268,8 @@ class FastEngine:
                     self._out_of_memory("decode", self._shape, sched)
                     sched.refill()
                     continue
+                if self.constraint:
+                    self.constraint.decoded(self.tokens, self.done)
                 yield from self._harvest(sched)
                 sched.refill()
 
@@ -296,8 +299,7 @@ class FastEngine:
             return
         self.oom_splits += 1
         self.max_slots = slots // 2
-        if prefill:
-            self.prefill_tokens = max(1, self.prefill_tokens // 2)
+        self.prefill_tokens = max(1, self.prefill_tokens // 2) if prefill else self.prefill_tokens
         sched.requeue(running)  # the same tokens again: their samples depend on seed, row id and step only
         log.warning("CUDA out of memory in %s with %d slots: %d running rows go back to the queue; continuing "
                     "with %d slots, prefill groups of up to %d tokens (batch_size=%d would start there)",
@@ -307,8 +309,7 @@ class FastEngine:
         """Called as a row enters the window (the vision engine starts decoding its images)."""
 
     def _prepare(self, row: Row) -> str | None:
-        """Called before a row is prefilled: the error that ends it without a slot, or ``None`` (the vision
-        engine waits for its images here)."""
+        """Before a row's prefill: the error that ends it without a slot, or ``None`` (vision: its images)."""
         return None
 
     def _admit_waiting(self, sched: Scheduler, seed: int) -> None:
@@ -328,8 +329,8 @@ class FastEngine:
         """Where the time went, for the manifest: host-side seconds, and the prefills' GPU seconds."""
         self._add_prefill_events(sync=True)
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
-                "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3),
-                "decode_steps": self.steps, "slots": self._shape[0] if self._shape else None,
+                "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3), "decode_steps": self.steps,
+                "slots": self._shape[0] if self._shape else None,
                 "oom_splits": self.oom_splits, "oom_errors": self.oom_errors}
 
     def _padded_ids(self, group: list[Request]):
@@ -337,9 +338,8 @@ class FastEngine:
         return right_padded([r.input_ids for r in group]).to(self.device)
 
     def _inputs(self, group: list[Request]):
-        """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n]
-        or ``None``, deepstack features or ``None``) of a prefill group, on the device; the last two are a
-        vision model's (:meth:`~airflow_hfllm.engine.decoder.Decoder.prefill`)."""
+        """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n] or
+        ``None``, deepstack features or ``None``: a vision model's, see ``Decoder.prefill``) on the device."""
         import torch
 
         ids = self._padded_ids(group)
@@ -370,7 +370,8 @@ class FastEngine:
                 presence[slot_idx[rows[valid]], ids[valid]] = True
                 presence = presence[slot_idx]
             logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack)
-        first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence)
+        mask = self.constraint.start(slot_list, slot_idx) if self.constraint else None
+        first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence, mask)
         if self.logprobs is not None:
             self.logprobs.record(logits, first, slot_idx, torch.zeros_like(slot_idx))
         if self.presence is not None:
@@ -386,19 +387,20 @@ class FastEngine:
         self.seeds[slot_idx] = seeds_t
         self.out[slot_idx, 0] = first
         self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
+        if self.constraint:
+            self.constraint.admitted(slot_list, first, self.done)
         if dev.type == "cuda":
             self._prefill_events[-1][1].record()
         # No sync: the host prepares the next group while the GPU runs this one (seconds are host-side).
         self.prefill_seconds += time.monotonic() - started
 
     def _harvest(self, sched: Scheduler) -> Iterator[tuple[Any, Completion]]:
-        done = self.done.tolist()  # the one host sync per replay
+        done = self.done.tolist()  # the host sync of a replay (and a grammar's, of its tokens, just before)
         self._add_prefill_events()
         finished = [s for s, row in enumerate(sched.slots) if row is not None and done[s]]
         if not finished:
             return
-        counts = self.n_gen[finished].tolist()
-        outputs = self.out[finished].tolist()
+        counts, outputs = self.n_gen[finished].tolist(), self.out[finished].tolist()
         records = self.logprobs.read(finished, max(counts)) if self.logprobs is not None else [None] * len(counts)
         completions = []
         for s, n, ids, record in zip(finished, counts, outputs, records):
@@ -415,4 +417,4 @@ class FastEngine:
             ids, finish = ids[:-1], "stop"
         text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
         text, finish = cut_at_stop(text, finish, self.params.stop)
-        return Completion(text, len(ids), finish)
+        return judged(self.constraint, Completion(text, len(ids), finish), ids)

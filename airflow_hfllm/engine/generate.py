@@ -146,6 +146,9 @@ class BatchedGenerator:
         self.columns = Columns(loaded.tokenizer)
         self.oom_splits = 0  # batches split in two after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory on their own (they end in error)
+        from airflow_hfllm.engine.grammar import constraint
+
+        self.constraint = constraint(params, loaded.tokenizer, loaded.model, self.eos)
         if params.num_beams == 1 and params.length_penalty != 1.0:
             log.warning("length_penalty only applies to beam search (num_beams > 1); ignored")
 
@@ -224,6 +227,10 @@ class BatchedGenerator:
         device = model.device if hasattr(model, "device") else self.loaded.device
         max_new = max(requests[i].max_new_tokens for i in batch)
         kwargs = generate_kwargs(p, self.pad, self.eos, tokenizer, max_new, width)
+        if self.constraint is not None:
+            from airflow_hfllm.engine.grammar import generate_hooks
+
+            kwargs = generate_hooks(self.constraint, kwargs)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             out = model.generate(
@@ -238,6 +245,8 @@ class BatchedGenerator:
         return done
 
     def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+        from airflow_hfllm.engine.grammar import judged
+
         finish = "length"
         for n, token in enumerate(ids):
             if token in self.eos:
@@ -252,4 +261,4 @@ class BatchedGenerator:
         text, finish = cut_at_stop(text, finish, self.params.stop)
         if finish == "length" and count < max_new_tokens:
             finish = "stop"
-        return Completion(text, count, finish)
+        return judged(self.constraint, Completion(text, count, finish), ids)

@@ -42,10 +42,15 @@ class Sampler:
         self.tokens = torch.arange(vocab, device=device)
         self.eos = torch.isin(self.tokens, torch.tensor(eos, device=device)) if eos else None
 
-    def __call__(self, logits, seeds, step, counts=None, presence=None):
+    def __call__(self, logits, seeds, step, counts=None, presence=None, mask=None):
         """``step`` [n]: the index of the token being drawn; ``counts`` [n, V]: the tokens each row generated;
-        ``presence`` [n, V]: the tokens in each row's prompt and output (repetition penalty)."""
+        ``presence`` [n, V]: the tokens in each row's prompt and output (repetition penalty); ``mask``
+        [n, V / 32]: the bitmask of the tokens each row's grammar allows (``engine/grammar.py``)."""
         p = self.params
+        if mask is not None:
+            from airflow_hfllm.engine.grammar import apply_mask
+
+            logits = apply_mask(logits, mask)
         logits = self.penalties(logits, counts, presence)
         if p.min_length and self.eos is not None:
             logits = logits.masked_fill((step < p.min_length)[:, None] & self.eos[None, :], float("-inf"))
@@ -88,4 +93,7 @@ class Sampler:
 
         x = mix(seeds[:, None] ^ mix(step[:, None] * 1_000_003 + self.tokens[None, :] + 1))
         u = ((x >> 11) & ((1 << 52) - 1)).double().add(0.5).div(float(1 << 52)).float()
-        return (logits - torch.log(-torch.log(u))).argmax(-1)
+        # u can round to 1.0 in float32, making the noise +inf: a -inf logit (top-k, top-p, a grammar's mask)
+        # would then be NaN, which argmax picks
+        noisy = logits - torch.log(-torch.log(u))
+        return noisy.masked_fill(torch.isneginf(logits), float("-inf")).argmax(-1)

@@ -208,6 +208,10 @@ class Steps:
                 row.reasoning, row.output = split_reasoning(row.output)
             generated.append(row)
         self._check_outputs(generated)
+        for i, done in completions.items():  # a constrained output that did not complete: written, not valid
+            row = chunk.rows[i]
+            if done.error and row.finish_reason == done.finish_reason and not row.error:
+                row.error = done.error
         self.progress.errors += sum(row.finish_reason == "error" for row in chunk.rows)
         return self._table(chunk, metadata)
 

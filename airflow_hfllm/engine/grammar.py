@@ -1,0 +1,265 @@
+"""Constrained outputs: a JSON schema, a regular expression or a fixed set of choices, through llguidance.
+
+llguidance (MIT, a 3 MB abi3 wheel with no dependencies) compiles all three into one kind of grammar and
+computes a row's allowed next tokens as a bitmask of ``ceil(vocab / 32)`` int32 words in microseconds
+(transformers and vLLM use it too). :func:`compile_grammar` builds the grammar once per job from the
+parameters (it is also the up-front check, with no model loaded); :class:`Constraint` binds it to a
+tokenizer and gives one matcher per row. The engines mask each step's logits with :func:`apply_mask`
+before sampling, advance the matchers with the sampled tokens on the host, and end a row as soon as its
+grammar is complete (without waiting for EOS, which is allowed only once the grammar accepts).
+
+A row cut by ``max_new_tokens`` before its grammar completed keeps its text but gets ``finish_reason``
+``"length"`` and an error (:meth:`Constraint.judge`): it is never written as valid.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from airflow_hfllm.engine.generate import Completion
+
+CUT = "output cut at max_new_tokens before the grammar completed"
+STOPPED = "output ended (stop string) before the grammar completed"
+REJECTED = "the grammar rejected the output"
+# Compact JSON: flexible whitespace lets a weak model spend its tokens on spaces and newlines.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+def load_schema(value) -> dict:
+    """A JSON schema given as a dict, JSON text, or a path or fsspec URL of a JSON file."""
+    if isinstance(value, dict):
+        return value
+    text = value.strip()
+    if not text.startswith("{"):
+        import fsspec
+
+        try:
+            with fsspec.open(text, "r", encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"json_schema: cannot read {value!r}: {exc}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"json_schema is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"json_schema must be a JSON object, got {schema!r}")
+    return schema
+
+
+def checked(json_schema, regex, choices) -> dict:
+    """The job's constraint parameters as :class:`~airflow_hfllm.config.GenerationParams` keeps them (a schema
+    read, choices split at commas), once checked: at most one set, and it compiles. A ``ValueError`` names
+    the parameter, before any model loads."""
+    if isinstance(choices, str):
+        choices = [c.strip() for c in choices.split(",")]
+    choices = tuple(choices) if choices else None
+    if json_schema is not None:
+        json_schema = load_schema(json_schema)
+    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choices", choices))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are set together: a job takes at most one of json_schema, regex "
+                         "and choices")
+    if choices and not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"choices must be non-empty strings, got {list(choices)}")
+    compile_grammar(json_schema, regex, choices)
+    return {"json_schema": json_schema, "regex": regex, "choices": choices}
+
+
+def compile_grammar(json_schema: dict | None = None, regex: str | None = None,
+                    choices: Sequence[str] | None = None) -> str | None:
+    """The llguidance grammar of whichever parameter is set (``None`` when none is); a ``ValueError`` naming
+    the parameter when the schema or the regex is invalid."""
+    from llguidance import LLMatcher
+
+    if json_schema is not None:
+        name, grammar = "json_schema", LLMatcher.grammar_from_json_schema(json_schema, overrides=JSON_OPTIONS)
+    elif regex is not None:
+        name, grammar = "regex", LLMatcher.grammar_from_regex(regex)
+    elif choices:
+        # a Lark alternation of string literals (JSON's escapes are Lark's), as llguidance's grammar_from does
+        name, grammar = "choices", LLMatcher.grammar_from_lark("start: " + " | ".join(map(json.dumps, choices)))
+    else:
+        return None
+    problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(f"{name} is invalid: {problem.strip()}")
+    return grammar
+
+
+def constraint(params, tokenizer, model, eos: list[int]) -> "Constraint | None":
+    """The job's constraint for an engine (``None`` when the job has none: the engines change nothing), for
+    ``model``'s vocabulary (or that many tokens)."""
+    grammar = compile_grammar(params.json_schema, params.regex, params.choices)
+    if grammar is None:
+        return None
+    vocab = model if isinstance(model, int) else model.config.get_text_config().vocab_size
+    return Constraint(grammar, tokenizer, vocab, eos)
+
+
+class Constraint:
+    """A compiled grammar bound to a tokenizer; matchers for a batch's rows (or a fast engine's slots) and
+    their next-token bitmask ``mask`` [rows, words] (host, int32), filled by :meth:`fill`."""
+
+    def __init__(self, grammar: str, tokenizer, vocab: int, eos: list[int]):
+        import llguidance.hf
+
+        self.grammar, self.vocab, self.eos = grammar, vocab, set(eos)
+        # the model's vocabulary may be padded past the tokenizer's: those ids are never allowed
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=max(vocab, len(tokenizer)),
+                                                      eos_token=list(eos) or None)
+        self.words = (self.tokenizer.vocab_size + 31) // 32
+        self.matchers: list = []
+        self.mask = self.device_mask = None
+
+    def allocate(self, slots: int, device):
+        """The fast engine's masks: ``mask`` on the host (pinned on CUDA, for an asynchronous copy) and the
+        device buffer [slots, words] returned, which its decode step reads (a CUDA graph holds it)."""
+        import torch
+
+        host = torch.full((slots, self.words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.matchers, self.mask, self.active = [None] * slots, host.numpy(), set()
+        self.host, self.device_mask = host, torch.full_like(host, -1, device=device)
+        return self.device_mask
+
+    def admitted(self, slots: Sequence[int], first, done) -> None:
+        """Fast engine, after a prefill sampled ``first`` [n] (a device tensor) for ``slots`` under the masks
+        :meth:`start` filled: the matchers advanced, the rows whose grammar is complete ended in ``done``."""
+        slots = list(slots)
+        self._advance(slots, first.tolist(), done[slots].tolist(), done)
+
+    def decoded(self, tokens, done) -> None:
+        """Fast engine, after one decode step wrote each live slot's token into ``tokens`` [slots]: the
+        matchers advanced, complete rows ended in ``done``, the next masks filled and copied to the device.
+
+        This is the host's share of a step and it needs the step's tokens: on a GPU, what can overlap is
+        the next step's forward pass (which needs the tokens, not the masks) with this, the masks being
+        applied only by the sampling after it; here the step runs whole, then this."""
+        import torch
+
+        slots = sorted(self.active)
+        rows = torch.stack([tokens[slots], done[slots].long()], 1).tolist() if slots else []  # one host sync
+        self._advance(slots, [t for t, _ in rows], [d for _, d in rows], done)
+
+    def _advance(self, slots: list[int], tokens: list[int], stopped: list, done) -> None:
+        """``stopped``: the slots' ``done`` as the device left it (EOS, max_new_tokens)."""
+        ended = [s for s, e in zip(slots, self.advance(slots, tokens)) if e]
+        if ended:
+            done[ended] = True
+        self.active.update(slots)
+        self.active.difference_update([*ended, *(s for s, d in zip(slots, stopped) if d)])
+        self.fill(sorted(self.active))
+        self.device_mask.copy_(self.host, non_blocking=True)
+
+    def matcher(self):
+        from llguidance import LLMatcher
+
+        return LLMatcher(self.tokenizer, self.grammar, log_level=0)
+
+    def reset(self, rows: int) -> None:
+        """``rows`` rows, none started."""
+        import numpy as np
+
+        self.matchers = [None] * rows
+        self.mask = np.full((rows, self.words), -1, dtype=np.int32)
+        self.device_mask = None
+
+    def start(self, rows: Sequence[int], device_rows=None):
+        """Fresh matchers for ``rows``, their masks filled for their first token; on the fast engine (given
+        ``device_rows``, the rows as a device tensor) copied to the device, and those rows' masks returned."""
+        for r in rows:
+            self.matchers[r] = self.matcher()
+        self.fill(rows)
+        if device_rows is not None:
+            self.device_mask.copy_(self.host, non_blocking=True)
+            return self.device_mask[device_rows]
+
+    def fill(self, rows: Sequence[int]) -> None:
+        """The allowed next tokens of ``rows`` into ``mask``; a row whose matcher failed may take any token
+        (its output is judged afterwards, and a row of all -inf logits would sample garbage anyway)."""
+        import llguidance
+        import llguidance.numpy as lnp
+
+        live = []
+        for r in rows:
+            m = self.matchers[r]
+            if m is None or m.is_error() or m.is_stopped():
+                self.mask[r] = -1
+            else:
+                live.append((m, r))
+        if live:  # on the executor's threads (most of a step's host work with hundreds of slots)
+            self.executor = getattr(self, "executor", None) or llguidance.LLExecutor()
+            lnp.fill_next_token_bitmask_par(self.executor, live, self.mask)
+
+    def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> list[bool]:
+        """Each row's sampled token consumed; whether its grammar is now complete (or failed: the row ends)."""
+        ended = []
+        for r, t in zip(rows, tokens):
+            m = self.matchers[r]
+            if not (m.is_stopped() or m.is_error()):
+                m.consume_token(t)
+            ended.append(m.is_stopped() or m.is_error())
+        return ended
+
+    def judge(self, done: Completion, ids: Sequence[int]) -> Completion:
+        """``done`` with its finish reason and error from its output tokens ``ids`` (without EOS), replayed
+        on a fresh matcher: a row's own ``max_new_tokens`` may have cut it after the engine's matcher saw
+        more tokens."""
+        if done.finish_reason == "error":
+            return done
+        m = self.matcher()
+        if not m.consume_tokens([t for t in ids if t not in self.eos]):
+            return Completion(done.text, done.output_tokens, done.finish_reason, REJECTED)
+        if m.is_stopped() or (m.is_accepting() and done.finish_reason == "stop"):
+            return Completion(done.text, done.output_tokens, "stop")
+        if m.is_accepting():  # valid, though it could have gone on
+            return done
+        return Completion(done.text, done.output_tokens, done.finish_reason,
+                          CUT if done.finish_reason == "length" else STOPPED)
+
+
+def judged(constraint: Constraint | None, done: Completion, ids: Sequence[int]) -> Completion:
+    """``done`` as :meth:`Constraint.judge` sees it, or as it is when the job has no constraint."""
+    return done if constraint is None else constraint.judge(done, ids)
+
+
+def apply_mask(logits, mask):
+    """``logits`` [n, V] with -inf where the bitmask ``mask`` [n, words] (int32, a device tensor) has a 0 bit;
+    static shapes and no host sync, so a CUDA graph can hold it."""
+    import torch
+
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int32)
+    bits = ((mask[:, :, None] >> shifts) & 1).reshape(mask.shape[0], -1)[:, :logits.shape[-1]]
+    return logits.masked_fill(bits == 0, float("-inf"))
+
+
+def generate_hooks(constraint: Constraint, kwargs: dict) -> dict:
+    """``generate()`` arguments ``kwargs`` plus the constraint for one batch: a logits processor masking
+    each row (after the penalties, before temperature, top-k and top-p) and a stopping criterion that
+    advances each row's matcher with its new token and ends the rows whose grammar is complete. Rows are
+    ``generate()``'s own (left padding does not matter: only each row's last token is read)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    class Mask(LogitsProcessor):
+        started = False
+
+        def __call__(self, input_ids, scores):
+            rows = range(input_ids.shape[0])
+            if not self.started:
+                constraint.reset(len(rows))
+                constraint.start(rows)
+                self.started = True
+            else:
+                constraint.fill(rows)
+            return apply_mask(scores, torch.from_numpy(constraint.mask).to(scores.device))
+
+    class Complete(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            ended = constraint.advance(range(input_ids.shape[0]), input_ids[:, -1].tolist())
+            return torch.tensor(ended, dtype=torch.bool, device=input_ids.device)
+
+    return {**kwargs, "logits_processor": LogitsProcessorList([*kwargs.get("logits_processor", []), Mask()]),
+            "stopping_criteria": StoppingCriteriaList([*kwargs.get("stopping_criteria", []), Complete()])}
