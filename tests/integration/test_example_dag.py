@@ -85,3 +85,31 @@ def test_ui_dag_takes_its_params_as_native_values(models, tmp_path):
     assert manifest["counts"]["unsafe_prompt"] == 1 and manifest["counts"]["rows"] == 10
     assert [c["checker"] for c in manifest["safety"]] == ["blocklist"]
     assert "/run=" in manifest["output"]
+
+
+def test_extract_json_dag_writes_objects_that_follow_its_schema(models, tmp_path):
+    """The example extraction DAG (dags/hfllm_extract_json.py): a blocked review never reaches the model, every
+    other row is an object its schema validates (the tiny model writes gibberish unconstrained)."""
+    import jsonschema
+
+    sys.path.insert(0, str(ROOT / "dags"))
+    try:
+        from hfllm_extract_json import REVIEW
+    finally:
+        sys.path.remove(str(ROOT / "dags"))
+    demo = tmp_path / "demo"
+    prompts_with_one_blocked(tmp_path, demo / "reviews" / "r.parquet", 24, 5, "a review about explosives")
+    result, logs = run_dag(
+        tmp_path, "hfllm_extract_json", "2026-11-22",
+        conf={"model": models("causal-lm"), "input": str(demo / "reviews"), "output": str(demo / "out")},
+        HFLLM_SAFETY=f"blocklist:{tmp_path / 'block.txt'}", HFLLM_CHUNK_ROWS="8",
+    )
+    assert result["state"] == "success", logs[-3000:]
+    manifest = result["xcom"]["extract"]
+    assert manifest["generation"]["json_schema"] == REVIEW
+    rows = pd.read_parquet(demo / "out" / "ds=2026-11-22").set_index("id").sort_index()
+    assert rows.loc[5, "finish_reason"] == "unsafe_prompt" and pd.isna(rows.loc[5, "output"])
+    generated = rows.drop(index=5)
+    assert len(generated) == 23 and (generated.finish_reason == "stop").all()
+    for text in generated.output:
+        jsonschema.validate(json.loads(text), REVIEW)
