@@ -252,7 +252,8 @@ class GenerationParams:
     logprobs: int | None = option(
         None, "K: add columns 'output_logprob' (the summed log-probability of the output's tokens) and "
               "'top_logprobs' (per token: its id, text and log-probability, and the K likeliest tokens at its step); "
-              "the model's raw log-softmax, before penalties, temperature, top-k and top-p (0: no alternatives)",
+              "the model's raw log-softmax, before penalties, temperature, top-k and top-p (0: no alternatives); "
+              "with choices, also 'choice_logprobs': each choice's total log-probability after the prompt",
         minimum=0, maximum=20, kinds=("text",), metavar="K", since=2)
     min_length: int | None = option(None, "minimum new tokens", minimum=0)
     use_cache: bool = option(True, "KV cache during generation (batched generate() only)", cli="")

@@ -40,6 +40,7 @@ class Completion:
     error: str | None = None
     logprob: float | None = None  # logprobs=K: the output's tokens' summed log-probability
     top_logprobs: list | None = None  # and each token's, with its K likeliest alternatives
+    choice_logprobs: list | None = None  # choices with logprobs: each choice's total (engine/choices.py)
 
 
 def cut_at_stop(text: str, finish: str, stop: Sequence[str]) -> tuple[str, str]:

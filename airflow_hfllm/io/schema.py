@@ -37,11 +37,15 @@ LOGPROBS = (
     # per output token: the token, and the K likeliest at its step (which may or may not include it)
     pa.field("top_logprobs", pa.list_(pa.struct([*TOKEN, ("top", pa.list_(pa.struct(TOKEN)))]))),
 )
-OUTPUT_COLUMNS = ("id", SAMPLE.name, *(f.name for f in OUTPUT_FIELDS), REASONING.name, *(f.name for f in LOGPROBS))
+# choices with logprobs: each choice's total log-probability after the prompt, in the order of the choices
+CHOICE_LOGPROBS = pa.field("choice_logprobs", pa.list_(pa.struct([("choice", pa.string()), ("logprob", pa.float64())])))
+OUTPUT_COLUMNS = ("id", SAMPLE.name, *(f.name for f in OUTPUT_FIELDS), REASONING.name, *(f.name for f in LOGPROBS),
+                  CHOICE_LOGPROBS.name)
 
 
 def output_schema(id_type: pa.DataType, keep: list[pa.Field], metadata: dict, reasoning: bool = False,
-                  samples: bool = False, logprobs: bool = False) -> pa.Schema:
+                  samples: bool = False, logprobs: bool = False, choices: bool = False) -> pa.Schema:
     fields = [pa.field("id", id_type), *([SAMPLE] if samples else []), OUTPUT_FIELDS[0],
-              *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:], *(LOGPROBS if logprobs else ()), *keep]
+              *([REASONING] if reasoning else []), *OUTPUT_FIELDS[1:], *(LOGPROBS if logprobs else ()),
+              *([CHOICE_LOGPROBS] if choices else []), *keep]
     return pa.schema(fields, metadata={b"hfllm": json.dumps(metadata, sort_keys=True, default=str).encode()})

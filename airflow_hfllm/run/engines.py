@@ -25,8 +25,17 @@ class Driver:
 
     name = ""
 
-    def __init__(self, generator):
+    def __init__(self, generator, scorer=None):
         self.generator = generator
+        self.scorer = scorer  # choices with logprobs: engine/choices.py
+
+    def scored(self, chunk: Chunk, completions: dict) -> Generated:
+        """The chunk, its completions given each choice's log-probability after the row's prompt."""
+        done = [i for i, c in completions.items() if c.finish_reason != "error"]
+        if self.scorer and done:
+            for i, scores in zip(done, self.scorer([chunk.rows[i].request.input_ids for i in done])):
+                completions[i].choice_logprobs = scores
+        return chunk, completions
 
     def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
         raise NotImplementedError
@@ -48,7 +57,7 @@ class BatchedDriver(Driver):
             completions = self.generator.generate([chunk.rows[i].request for i in todo],
                                                   seed=chunk_seed(seed, chunk.index),
                                                   keys=[chunk.rows[i].key for i in todo]) if todo else []
-            yield chunk, dict(zip(todo, completions))
+            yield self.scored(chunk, dict(zip(todo, completions)))
 
 
 class StreamDriver(Driver):
@@ -74,7 +83,7 @@ class StreamDriver(Driver):
         def flush():
             while ready:
                 chunk, completions, _ = open_chunks.pop(ready.pop(0))
-                yield chunk, completions
+                yield self.scored(chunk, completions)
 
         for (index, i), completion in self.generator.stream(rows(), seed=seed):
             _, completions, wanted = open_chunks[index]
@@ -94,7 +103,10 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
     from airflow_hfllm.engine.fast import unsupported_reason
     from airflow_hfllm.engine.loading import quant_method
 
+    from airflow_hfllm.engine.choices import ChoiceScorer
+
     common = dict(should_stop=should_stop, on_batch=on_batch)
+    scorer = ChoiceScorer(loaded, params.choices) if params.choices and params.logprobs is not None else None
     (fast, fast_kwargs), batched = kind.engines(loaded, params, config, **common)
     reason = "asked for" if config.engine == "batched" else unsupported_reason(loaded, kind.vision)
     if reason is None and config.engine == "auto" and loaded.device.type != "cuda":
@@ -105,10 +117,10 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
     if reason is None:
         log.info("engine: fast (continuous batching, static KV cache%s) on %s",
                  ", CUDA graphs" if loaded.device.type == "cuda" else "", loaded.device)
-        return StreamDriver(fast(loaded, params, slots=config.batch_size, **common, **fast_kwargs))
+        return StreamDriver(fast(loaded, params, slots=config.batch_size, **common, **fast_kwargs), scorer)
     if config.engine == "fast":
         raise ValueError(f"engine='fast' cannot run {model_name}: {reason}")
     generator = batched()
     log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
              loaded.device, generator.max_batch_size, generator.token_budget, reason)
-    return BatchedDriver(generator)
+    return BatchedDriver(generator, scorer)

@@ -44,6 +44,7 @@ class Row:
     output_tokens: int = 0
     output_logprob: float | None = None
     top_logprobs: list | None = None  # holds the output's tokens: nulled with it
+    choice_logprobs: list | None = None
 
     def fail(self, message: str) -> None:
         self.error, self.finish_reason = message, "error"
@@ -204,6 +205,7 @@ class Steps:
                 continue
             row.output, row.finish_reason, row.output_tokens = done.text, done.finish_reason, done.output_tokens
             row.output_logprob, row.top_logprobs = done.logprob, done.top_logprobs
+            row.choice_logprobs = done.choice_logprobs
             if self.config.reasoning:
                 row.reasoning, row.output = split_reasoning(row.output)
             generated.append(row)
@@ -232,13 +234,13 @@ class Steps:
             row.error = judgement.error
         for row in rows:
             if row.error:
-                row.output = row.reasoning = row.output_logprob = row.top_logprobs = None
+                row.output = row.reasoning = row.output_logprob = row.top_logprobs = row.choice_logprobs = None
                 row.fail(row.error)
             elif row.output_safe is False:
                 row.finish_reason = "unsafe_output"
                 self.progress.unsafe_output += 1
                 if self.config.on_unsafe_output == "redact":
-                    row.output = row.reasoning = row.output_logprob = row.top_logprobs = None
+                    row.output = row.reasoning = row.output_logprob = row.top_logprobs = row.choice_logprobs = None
 
     def _table(self, chunk: Chunk, metadata: dict) -> pa.Table:
         table, keep_columns = chunk.table, self.config.keep_columns
@@ -246,7 +248,8 @@ class Steps:
         keep = [pa.field(c, table.schema.field(c).type) for c in keep_columns]
         samples = self.params.num_return_sequences > 1
         schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata, self.config.reasoning,
-                               samples, self.params.logprobs is not None)
+                               samples, self.params.logprobs is not None,
+                               self.params.logprobs is not None and bool(self.params.choices))
         if samples:  # a table row per sample
             table = table.take([row.index for row in chunk.rows])
         columns = {"id": table.column(self.config.id_column), **{c: table.column(c) for c in keep_columns}}
