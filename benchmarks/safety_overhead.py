@@ -60,7 +60,7 @@ def sync() -> None:
 
 
 def tiny_generator():
-    """``throughput.build`` on the CPU with tiny sizes (``build`` itself is CUDA only)."""
+    """A tiny random Qwen2 on the CPU, as ``throughput.build`` makes one of its real shapes."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
