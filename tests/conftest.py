@@ -54,6 +54,25 @@ def tiny_lm(models):
     return models("causal-lm")
 
 
+@pytest.fixture(scope="session")
+def loaded(tiny_lm):
+    """The tiny causal LM through the package's loader (and its model cache)."""
+    from airflow_hfllm.config import ModelSpec
+    from airflow_hfllm.engine.loading import get_model
+
+    return get_model(ModelSpec(tiny_lm))
+
+
+def chat_requests(tokenizer, n: int, new) -> list:
+    """Engine requests of ``n`` one-message chats (:func:`prompt_text`), each of ``new`` new tokens (a number,
+    or a function of the row's index)."""
+    from airflow_hfllm.engine.generate import Request
+    from airflow_hfllm.engine.prompts import encode
+
+    tokens = new if callable(new) else (lambda i: new)
+    return [Request(encode(tokenizer, [{"role": "user", "content": prompt_text(i)}]), tokens(i)) for i in range(n)]
+
+
 def kill_after_first_part(cmd: list[str], out) -> dict:
     """Run ``cmd`` (an ``hfllm`` job writing to ``out``), SIGKILL it and its children once its first part is
     committed, and return the committed parts' (inode, mtime): a rerun must leave them as they are."""
@@ -68,3 +87,14 @@ def kill_after_first_part(cmd: list[str], out) -> dict:
     proc.wait()
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")
             if (out / "_commits" / p.name.replace(".parquet", ".json")).exists()}
+
+
+def rerun_leaves(cmd: list[str], out, written: dict) -> subprocess.CompletedProcess:
+    """Run ``cmd`` again to the end and check that it left the parts ``written`` (as
+    :func:`kill_after_first_part` returned them) as they were."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, stamp in written.items():
+        p = out / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, f"{name} was rewritten"
+    return done

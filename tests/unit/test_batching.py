@@ -2,16 +2,14 @@
 
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
 from airflow_hfllm.config import GenerationParams, ModelSpec
-from tests.conftest import prompt_text
+from tests.conftest import chat_requests
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny_lm):
     loaded = get_model(ModelSpec(tiny_lm))
     params = GenerationParams(max_new_tokens=24, do_sample=False)
-    requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), 24)
-                for i in range(200)]
+    requests = chat_requests(loaded.tokenizer, 200, 24)
     lengths = sorted(len(r.input_ids) for r in requests)
     assert lengths[0] < 40 and lengths[-1] > 150, "prompts must be of mixed lengths"
 
@@ -50,8 +48,7 @@ def test_batches_respect_budget_and_cap(tiny_lm):
 def test_per_row_max_new_tokens_and_stop_strings(tiny_lm):
     loaded = get_model(ModelSpec(tiny_lm))
     tok = loaded.tokenizer
-    requests = [Request(encode(tok, [{"role": "user", "content": prompt_text(i)}]), 4 if i % 2 else 20)
-                for i in range(10)]
+    requests = chat_requests(tok, 10, lambda i: 4 if i % 2 else 20)
     out = BatchedGenerator(loaded, GenerationParams(max_new_tokens=20, do_sample=False)).generate(requests)
     for i, c in enumerate(out):
         assert c.output_tokens <= (4 if i % 2 else 20)

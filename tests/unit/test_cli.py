@@ -4,13 +4,12 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from airflow_hfllm.cli import build_parser
-from tests.conftest import kill_after_first_part, write_prompts
+from tests.conftest import kill_after_first_part, rerun_leaves, write_prompts
 
 HFLLM = [sys.executable, "-m", "airflow_hfllm.cli"]
 
@@ -57,11 +56,7 @@ def test_kill_9_then_rerun_gives_every_id_once(tiny_lm, tmp_path):
     assert written and len(written) < 75, "killed mid-run"
     assert not (out / "_manifest.json").exists()
 
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    for name, stamp in written.items():
-        p = Path(out / name)
-        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, f"{name} was rewritten"
+    rerun_leaves(cmd, out, written)
     rows = pd.read_parquet(out)
     assert len(rows) == 1500 and sorted(rows.id) == list(range(1500))
     manifest = json.loads((out / "_manifest.json").read_text())

@@ -10,13 +10,11 @@ import pandas as pd
 import pytest
 
 from airflow_hfllm.cli import main
-from airflow_hfllm.config import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams
 from airflow_hfllm.engine.fast import FastEngine
 from airflow_hfllm.engine.generate import BatchedGenerator, Request
 from airflow_hfllm.engine.grammar import CUT
-from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
-from tests.conftest import prompt_text, write_prompts
+from tests.conftest import chat_requests, write_prompts
 
 SCHEMA = {
     "type": "object",
@@ -40,15 +38,6 @@ ENGINES = {"batched": lambda loaded, params: BatchedGenerator(loaded, params),
            "fast": lambda loaded, params: FastEngine(loaded, params, slots=16)}
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_lm):
-    return get_model(ModelSpec(tiny_lm))
-
-
-def requests(loaded, n, new):
-    return [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), new) for i in range(n)]
-
-
 def valid(text) -> bool:
     try:
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -59,7 +48,7 @@ def valid(text) -> bool:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_200_rows_under_a_json_schema_parse_and_validate(loaded, engine):
-    reqs = requests(loaded, 200, 256)
+    reqs = chat_requests(loaded.tokenizer, 200, 256)
     free = ENGINES[engine](loaded, GenerationParams(max_new_tokens=256)).generate(reqs[:20], seed=0)
     assert not any(valid(c.text) for c in free)  # gibberish unconstrained
     done = ENGINES[engine](loaded, GenerationParams(max_new_tokens=256, json_schema=SCHEMA)).generate(reqs, seed=0)
@@ -72,7 +61,7 @@ def test_200_rows_under_a_json_schema_parse_and_validate(loaded, engine):
 
 
 def test_engines_agree_under_a_grammar_when_greedy(loaded):
-    reqs = requests(loaded, 24, 256)
+    reqs = chat_requests(loaded.tokenizer, 24, 256)
     params = GenerationParams(max_new_tokens=256, do_sample=False, json_schema=SCHEMA)
     batched = BatchedGenerator(loaded, params, max_batch_size=1).generate(reqs)
     fast = FastEngine(loaded, params, slots=5).generate(reqs)
@@ -85,7 +74,7 @@ def test_engines_agree_under_a_grammar_when_greedy(loaded):
 def test_choices_are_the_only_outputs(loaded, engine, sample):
     # "yes" is a prefix of "yes please": complete, yet it may go on
     params = GenerationParams(max_new_tokens=16, do_sample=sample, choices="yes,no,yes please,maybe later")
-    done = ENGINES[engine](loaded, params).generate(requests(loaded, 40, 16), seed=1)
+    done = ENGINES[engine](loaded, params).generate(chat_requests(loaded.tokenizer, 40, 16), seed=1)
     assert all(c.text in params.choices and c.finish_reason == "stop" and c.error is None for c in done)
     if sample:
         assert len({c.text for c in done}) >= 3
@@ -95,7 +84,7 @@ def test_choices_are_the_only_outputs(loaded, engine, sample):
 def test_regex_outputs_match_it(loaded, engine):
     pattern = r"(cat|dog)-[0-9]{2,4}( [a-z]{1,8}){1,3}"
     params = GenerationParams(max_new_tokens=48, regex=pattern)
-    done = ENGINES[engine](loaded, params).generate(requests(loaded, 40, 48), seed=2)
+    done = ENGINES[engine](loaded, params).generate(chat_requests(loaded.tokenizer, 40, 48), seed=2)
     assert all(c.finish_reason == "stop" and re.fullmatch(pattern, c.text) for c in done), done
     assert len({c.text for c in done}) >= 30
 
@@ -104,7 +93,7 @@ def test_regex_outputs_match_it(loaded, engine):
 def test_a_row_cut_before_its_grammar_completes_ends_in_length_with_an_error(loaded, engine):
     params = GenerationParams(max_new_tokens=64, json_schema=SCHEMA)
     # rows of 8 tokens cannot close the object; the 64-token rows in the same batch can
-    reqs = [Request(r.input_ids, 8 if i % 2 else 64) for i, r in enumerate(requests(loaded, 12, 0))]
+    reqs = [Request(r.input_ids, 8 if i % 2 else 64) for i, r in enumerate(chat_requests(loaded.tokenizer, 12, 0))]
     done = ENGINES[engine](loaded, params).generate(reqs, seed=3)
     for i, c in enumerate(done):
         if i % 2:

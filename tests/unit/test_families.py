@@ -7,11 +7,10 @@ import pytest
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.engine.arch import FAMILIES
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
-from airflow_hfllm.engine.generate import BatchedGenerator, Request
+from airflow_hfllm.engine.generate import BatchedGenerator
 from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
 from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model, to_mxfp4, window
-from tests.conftest import prompt_text
+from tests.conftest import chat_requests
 
 ROWS, NEW = 20, 40
 
@@ -30,8 +29,7 @@ def family_models(tmp_path_factory):
 
 def equal_to_generate(loaded, family):
     assert FAMILIES[loaded.model.config.model_type].fast and unsupported_reason(loaded) is None
-    requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), NEW)
-                for i in range(ROWS)]
+    requests = chat_requests(loaded.tokenizer, ROWS, NEW)
     params = GenerationParams(max_new_tokens=NEW, do_sample=False)
     reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(requests)
     assert sum(c.output_tokens >= 24 for c in reference) >= 0.8 * ROWS

@@ -4,26 +4,15 @@ import pandas as pd
 import pytest
 
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
-from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled, Request
-from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
+from airflow_hfllm.engine.generate import BatchedGenerator, Cancelled
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.run.job import TextJob
-from tests.conftest import prompt_text, write_prompts
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_lm):
-    return get_model(ModelSpec(tiny_lm))
-
-
-def requests(loaded, n, new=lambda i: 24):
-    return [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), new(i)) for i in range(n)]
+from tests.conftest import chat_requests, write_prompts
 
 
 def test_greedy_equals_transformers_generate(loaded):
     assert unsupported_reason(loaded) is None
-    reqs = requests(loaded, 80, new=lambda i: (24, 5, 17, 1)[i % 4])
+    reqs = chat_requests(loaded.tokenizer, 80, lambda i: (24, 5, 17, 1)[i % 4])
     params = GenerationParams(max_new_tokens=24, do_sample=False)
     reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(reqs)
     long_rows = [c for c, r in zip(reference, reqs) if r.max_new_tokens == 24]
@@ -37,7 +26,7 @@ def test_greedy_equals_transformers_generate(loaded):
 
 
 def test_sampling_depends_on_seed_and_id_only(loaded):
-    reqs = requests(loaded, 30)
+    reqs = chat_requests(loaded.tokenizer, 30, 24)
     params = GenerationParams(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.9, top_k=40,
                               repetition_penalty=1.3, min_length=6)
     keys = [f"row-{i}" for i in range(30)]
@@ -55,7 +44,7 @@ def test_sampling_depends_on_seed_and_id_only(loaded):
 
 
 def test_stop_strings_and_cancel(loaded):
-    reqs = requests(loaded, 4)
+    reqs = chat_requests(loaded.tokenizer, 4, 24)
     params = GenerationParams(max_new_tokens=20, do_sample=False)
     full = FastEngine(loaded, params, slots=4).generate(reqs)
     row = next(c for c in full if len(c.text.split()) >= 3)

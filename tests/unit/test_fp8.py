@@ -15,11 +15,11 @@ from airflow_hfllm.cli import main
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.fp8 import Fp8Linear, check_device, from_fine_grained, quantize_model
-from airflow_hfllm.engine.generate import BatchedGenerator, Request
+from airflow_hfllm.engine.generate import BatchedGenerator
 from airflow_hfllm.engine.loading import load, quantization_config
 from airflow_hfllm.engine.prompts import encode
 from airflow_hfllm.testing.families import make_family_model, to_fine_grained_fp8
-from tests.conftest import prompt_text, write_prompts
+from tests.conftest import chat_requests, prompt_text, write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=24, do_sample=False)
 
@@ -104,8 +104,7 @@ def test_fast_engine_equals_generate_on_the_fp8_model(llama):
     assert all(isinstance(m, Fp8Linear) for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj))
     assert type(loaded.model.lm_head) is torch.nn.Linear and loaded.model.lm_head.weight.dtype == torch.float32
     assert unsupported_reason(loaded) is None
-    requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), 32)
-                for i in range(16)]
+    requests = chat_requests(loaded.tokenizer, 16, 32)
     params = GREEDY.replace(max_new_tokens=32)
     reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(requests)
     assert sum(c.output_tokens >= 24 for c in reference) >= 12 and len({c.text for c in reference}) >= 14
@@ -158,8 +157,7 @@ def test_a_fine_grained_fp8_checkpoint_is_dequantized_on_the_cpu(llama, tmp_path
     a, b = (m.model.model.layers[0].mlp.down_proj.weight for m in (loaded, original))
     assert a.dtype == torch.float32 and 0 < relative_error(a, b) < 0.05
     assert getattr(loaded.model.config, "quantization_config", None) is None and unsupported_reason(loaded) is None
-    requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), 24)
-                for i in range(8)]
+    requests = chat_requests(loaded.tokenizer, 8, 24)
     reference = BatchedGenerator(loaded, GREEDY, max_batch_size=1).generate(requests)
     assert [c.text for c in FastEngine(loaded, GREEDY, slots=3).generate(requests)] == [c.text for c in reference]
     assert isinstance(load(ModelSpec(str(path), quantization="fp8")).model.model.layers[0].mlp.down_proj, Fp8Linear)

@@ -3,7 +3,6 @@ temperature, top-k and top-p) and the K likeliest tokens at its step, the same f
 to a teacher-forced forward pass; the columns only in folders written with them, one schema through a
 resume."""
 
-import subprocess
 import sys
 
 import pandas as pd
@@ -15,25 +14,18 @@ import torch
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.engine.fast import FastEngine
-from airflow_hfllm.engine.generate import BatchedGenerator, Request
-from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
+from airflow_hfllm.engine.generate import BatchedGenerator
 from airflow_hfllm.io.schema import LOGPROBS
 from airflow_hfllm.run.job import TextJob
-from tests.conftest import kill_after_first_part, prompt_text, write_prompts
+from tests.conftest import chat_requests, kill_after_first_part, rerun_leaves, write_prompts
 
 K = 5
 GREEDY = GenerationParams(max_new_tokens=16, do_sample=False, logprobs=K)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_lm):
-    return get_model(ModelSpec(tiny_lm))
-
-
-@pytest.fixture(scope="module")
 def reqs(loaded):
-    return [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), 16) for i in range(10)]
+    return chat_requests(loaded.tokenizer, 10, 16)
 
 
 def engines(loaded, params):
@@ -141,10 +133,7 @@ def test_kill_9_then_rerun_keeps_one_schema(tiny_lm, tmp_path):
            "--output", str(out), "--max-new-tokens", "8", "--chunk-rows", "10", "--seed", "7", "--logprobs", "3"]
     written = kill_after_first_part(cmd, out)
     assert written and len(written) < 30, "killed mid-run"
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for name, stamp in written.items():
-        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp, f"{name} was rewritten"
+    rerun_leaves(cmd, out, written)
     schemas = {pq.read_schema(p).remove_metadata() for p in out.glob("part-*.parquet")}
     assert len(schemas) == 1 and pa.field("output_logprob", pa.float64()) in next(iter(schemas))
     rows = pd.read_parquet(out)

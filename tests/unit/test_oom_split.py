@@ -11,25 +11,18 @@ import pytest
 import torch
 
 from airflow_hfllm.engine.fast import FastEngine
-from airflow_hfllm.engine.generate import BatchedGenerator, Request
-from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
+from airflow_hfllm.engine.generate import BatchedGenerator
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.run.job import TextJob
-from tests.conftest import prompt_text, write_prompts
+from tests.conftest import chat_requests, write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=12, do_sample=False)
 SAMPLED = GenerationParams(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.9)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_lm):
-    return get_model(ModelSpec(tiny_lm))
-
-
-@pytest.fixture(scope="module")
 def reqs(loaded):
-    return [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), 12) for i in range(24)]
+    return chat_requests(loaded.tokenizer, 24, 12)
 
 
 @pytest.fixture(scope="module")

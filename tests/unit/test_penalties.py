@@ -4,25 +4,18 @@ and in batched ``generate()``, eagerly on the CPU."""
 import pytest
 import torch
 
-from airflow_hfllm.config import GenerationParams, ModelSpec
+from airflow_hfllm.config import GenerationParams
 from airflow_hfllm.engine.fast import FastEngine
-from airflow_hfllm.engine.generate import BatchedGenerator, Request, generate_kwargs, penalties
-from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.engine.prompts import encode
+from airflow_hfllm.engine.generate import BatchedGenerator, generate_kwargs, penalties
 from airflow_hfllm.engine.sampling import penalise
-from tests.conftest import prompt_text
+from tests.conftest import chat_requests
 
 GREEDY = GenerationParams(max_new_tokens=24, do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_lm):
-    return get_model(ModelSpec(tiny_lm))
-
-
-@pytest.fixture(scope="module")
 def reqs(loaded):
-    return [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), 24) for i in range(24)]
+    return chat_requests(loaded.tokenizer, 24, 24)
 
 
 def token_ids(engine, reqs) -> list[list[int]]:

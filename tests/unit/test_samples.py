@@ -3,7 +3,6 @@
 (id, sample) once."""
 
 import json
-import subprocess
 import sys
 
 import pandas as pd
@@ -12,7 +11,7 @@ import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.run.job import TextJob
-from tests.conftest import kill_after_first_part, write_prompts
+from tests.conftest import kill_after_first_part, rerun_leaves, write_prompts
 
 
 def run(tiny_lm, tmp_path, out, n, **kw):
@@ -54,10 +53,7 @@ def test_kill_9_then_rerun_gives_every_sample_once(tiny_lm, tmp_path):
     written = kill_after_first_part(cmd, out)
     assert written and len(written) < 40, "killed mid-run"
 
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for name, stamp in written.items():
-        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp, f"{name} was rewritten"
+    rerun_leaves(cmd, out, written)
     rows = pd.read_parquet(out)
     assert sorted(zip(rows.id, rows["sample"])) == [(i, k) for i in range(400) for k in range(2)]
     manifest = json.loads((out / "_manifest.json").read_text())
