@@ -271,6 +271,11 @@ class GenerationParams:
     length_penalty: float = option(1.0, "beam search only", cli="")
     num_beams: int = 1
 
+    @property
+    def scores_choices(self) -> bool:
+        """Whether rows get ``choice_logprobs``: ``choices`` with ``logprobs`` (``engine/choices.py``)."""
+        return bool(self.choices) and self.logprobs is not None
+
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))

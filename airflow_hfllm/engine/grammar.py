@@ -15,6 +15,7 @@ A row cut by ``max_new_tokens`` before its grammar completed keeps its text but 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Sequence
 
 from airflow_hfllm.engine.generate import Completion
@@ -211,13 +212,12 @@ class Constraint:
             return done
         m = self.matcher()
         if not m.consume_tokens([t for t in ids if t not in self.eos]):
-            return Completion(done.text, done.output_tokens, done.finish_reason, REJECTED)
+            return replace(done, error=REJECTED)
         if m.is_stopped() or (m.is_accepting() and done.finish_reason == "stop"):
-            return Completion(done.text, done.output_tokens, "stop")
+            return replace(done, finish_reason="stop", error=None)
         if m.is_accepting():  # valid, though it could have gone on
             return done
-        return Completion(done.text, done.output_tokens, done.finish_reason,
-                          CUT if done.finish_reason == "length" else STOPPED)
+        return replace(done, error=CUT if done.finish_reason == "length" else STOPPED)
 
 
 def judged(constraint: Constraint | None, done: Completion, ids: Sequence[int]) -> Completion:

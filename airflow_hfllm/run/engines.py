@@ -100,13 +100,12 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
            model_name: str) -> Driver:
     """The fast engine where the model and device allow (or ``engine='fast'`` asks), else batched
     ``generate()``; the log says which and why."""
+    from airflow_hfllm.engine.choices import ChoiceScorer
     from airflow_hfllm.engine.fast import unsupported_reason
     from airflow_hfllm.engine.loading import quant_method
 
-    from airflow_hfllm.engine.choices import ChoiceScorer
-
     common = dict(should_stop=should_stop, on_batch=on_batch)
-    scorer = ChoiceScorer(loaded, params.choices) if params.choices and params.logprobs is not None else None
+    scorer = ChoiceScorer(loaded, params.choices) if params.scores_choices else None
     (fast, fast_kwargs), batched = kind.engines(loaded, params, config, **common)
     reason = "asked for" if config.engine == "batched" else unsupported_reason(loaded, kind.vision)
     if reason is None and config.engine == "auto" and loaded.device.type != "cuda":

@@ -49,6 +49,10 @@ class Row:
     def fail(self, message: str) -> None:
         self.error, self.finish_reason = message, "error"
 
+    def drop_output(self) -> None:
+        """Nulls the output and what holds or scores its text (an error, a redaction)."""
+        self.output = self.reasoning = self.output_logprob = self.top_logprobs = self.choice_logprobs = None
+
     @property
     def live(self) -> bool:
         return self.finish_reason is None
@@ -234,13 +238,13 @@ class Steps:
             row.error = judgement.error
         for row in rows:
             if row.error:
-                row.output = row.reasoning = row.output_logprob = row.top_logprobs = row.choice_logprobs = None
+                row.drop_output()
                 row.fail(row.error)
             elif row.output_safe is False:
                 row.finish_reason = "unsafe_output"
                 self.progress.unsafe_output += 1
                 if self.config.on_unsafe_output == "redact":
-                    row.output = row.reasoning = row.output_logprob = row.top_logprobs = row.choice_logprobs = None
+                    row.drop_output()
 
     def _table(self, chunk: Chunk, metadata: dict) -> pa.Table:
         table, keep_columns = chunk.table, self.config.keep_columns
@@ -248,8 +252,7 @@ class Steps:
         keep = [pa.field(c, table.schema.field(c).type) for c in keep_columns]
         samples = self.params.num_return_sequences > 1
         schema = output_schema(table.schema.field(self.config.id_column).type, keep, metadata, self.config.reasoning,
-                               samples, self.params.logprobs is not None,
-                               self.params.logprobs is not None and bool(self.params.choices))
+                               samples, self.params.logprobs is not None, self.params.scores_choices)
         if samples:  # a table row per sample
             table = table.take([row.index for row in chunk.rows])
         columns = {"id": table.column(self.config.id_column), **{c: table.column(c) for c in keep_columns}}
