@@ -272,8 +272,7 @@ class GenerationParams:
     num_beams: int = 1
 
     @property
-    def scores_choices(self) -> bool:
-        """Whether rows get ``choice_logprobs``: ``choices`` with ``logprobs`` (``engine/choices.py``)."""
+    def scores_choices(self) -> bool:  # rows get choice_logprobs: choices with logprobs (engine/choices.py)
         return bool(self.choices) and self.logprobs is not None
 
     def __post_init__(self):
