@@ -3,11 +3,14 @@
     python benchmarks/throughput.py --models 0.5b,7b --batches standard,mixed
     python benchmarks/throughput.py --models 7b --batches standard --paths padded,ours --quantization none,8bit,4bit
     python benchmarks/throughput.py --models 70b --batches standard --paths ours --quantization fp8
+    python benchmarks/throughput.py --models 7b --batches prefix --paths ours,ours-noprefix
 
 Random-weight Qwen2 models of real shape are built in-process (no hub). The standard batch is 512
 seeded random-token prompts of 50-300 tokens with 128 new tokens each (EOS never ends a row: greedy on
 random weights, fixed length); the mixed batch is the same prompts with per-row max_new_tokens uniform
-in 16-512. tok/s is end to end over the batch (token ids in, token ids out, prefill included) after a
+in 16-512; the prefix batch (issue 18) is 512 rows of one shared 1,000-token prefix and 100 tokens of
+their own, 64 new tokens each, for ``ours`` (shared-prefix reuse, ``engine/prefix.py``) against
+``ours-noprefix``. tok/s is end to end over the batch (token ids in, token ids out, prefill included) after a
 warm-up; compile/capture time is reported in its own column. Each path runs in its own process so one
 path's memory does not skew another's. The one-prompt-per-call loop runs on a subset and is
 extrapolated (labelled so).
@@ -256,6 +259,9 @@ def workload(batch: str, n: int = 512, vocab: int = 150_000):
 
     rng = random.Random(1234)
     requests = []
+    if batch == "prefix":  # issue 18: one shared 1,000-token prefix, then 100 tokens of each row's own
+        prefix = [rng.randrange(1, vocab) for _ in range(1000)]
+        return [Request(prefix + [rng.randrange(1, vocab) for _ in range(100)], 64) for _ in range(n)]
     for _ in range(n):
         length = rng.randint(50, 300)
         ids = [rng.randrange(1, 150_000) % vocab for _ in range(length)]  # the same prompts where vocab allows
@@ -330,15 +336,18 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(len(g.generated_tokens) for g in got)
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
-    elif path in ("ours", "ours-sdpa"):
+    elif path in ("ours", "ours-sdpa", "ours-noprefix"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
         # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
         # path) instead of the Triton kernel, for comparison
-        engine = FastEngine(loaded, params, slots=slots, decode_kernel=path == "ours")
+        # ours-noprefix: without shared-prefix reuse (engine/prefix.py), for comparison
+        engine = FastEngine(loaded, params, slots=slots, decode_kernel=path != "ours-sdpa",
+                            prefix_reuse=path != "ours-noprefix")
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
         compile_s = engine.capture_seconds
+        engine.prefix.entries.clear()  # the timed run computes its prefix itself
         engine.stats()
         steps_before, engine.prefill_seconds, engine.prefill_gpu_seconds = engine.steps, 0.0, 0.0
         torch.cuda.synchronize()
@@ -348,8 +357,11 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         seconds = time.monotonic() - t0
         tokens = sum(c.output_tokens for c in out)
         steps = engine.steps - steps_before
-        prefill_s = engine.stats()["prefill_gpu_seconds"]
+        stats = engine.stats()
+        prefill_s = stats["prefill_gpu_seconds"]
         note = f"{engine._shape[0]} slots x {engine._shape[1]} tokens, prefill {prefill_s:.2f} s on the GPU"
+        if stats["prefixes_computed"]:
+            note += f", {stats['prefix_tokens_saved']} prompt tokens' prefill saved by prefix reuse"
         kernels = top_kernels(engine, requests[:128]) if profile else None
     else:
         raise ValueError(path)

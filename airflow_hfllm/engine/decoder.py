@@ -149,6 +149,8 @@ class Decoder:
         # is a per-head logit that takes part in the softmax and is then dropped
         group = self.heads // self.kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if hasattr(mask, "_materialize"):  # causal_lower_right
+            mask = mask._materialize(q.device)
         scores = (q @ k.transpose(-1, -2)) * scale
         if self.attn_softcap:
             scores = (scores / self.attn_softcap).tanh() * self.attn_softcap
@@ -162,27 +164,39 @@ class Decoder:
         probs = torch.cat([scores, sink], dim=-1).softmax(-1, dtype=torch.float32)[..., :-1]
         return probs.to(q.dtype) @ v
 
-    def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx, deepstack=None):
+    def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx, deepstack=None, prefix=None):
         """Embedded prompts x [n, T, D], right-padded, into slots ``slot_idx``; returns last-position
         logits [n, V]. ``deepstack`` (Qwen3-VL): ``(mask [n, T], features)``, features[l] [mask.sum(), D]
         added to the output of layer l at the mask's positions (the image tokens), for the first
-        ``len(features)`` layers; decode steps hold no image tokens, so they need none."""
+        ``len(features)`` layers; decode steps hold no image tokens, so they need none. ``prefix``: the
+        keys and values (per layer [kv_heads, P, head_dim]) of P tokens before every row's x, which are
+        copied into the slots and attended to (``engine/prefix.py``); x and positions then start at P."""
         import torch
 
+        from torch.nn.attention.bias import causal_lower_right
+
         n, t, _ = x.shape
-        masks = {}
+        p = prefix[0][0].shape[1] if prefix else 0
+        # after a prefix, causal means aligned to the last key: SDPA runs that in its flash kernel
+        masks = {None: causal_lower_right(t, p + t)} if p else {}
         for window in set(self.windows) - {None}:
-            rows, cols = torch.arange(t, device=x.device)[:, None], torch.arange(t, device=x.device)[None, :]
+            rows, cols = torch.arange(p, p + t, device=x.device)[:, None], torch.arange(p + t, device=x.device)[None, :]
             masks[window] = (cols <= rows) & (cols > rows - window)
 
         def write(l, k, v):
-            k_cache[l][slot_idx, :, :t] = k
-            v_cache[l][slot_idx, :, :t] = v
+            k_cache[l][slot_idx, :, p:p + t] = k
+            v_cache[l][slot_idx, :, p:p + t] = v
+            if p:
+                k_cache[l][slot_idx, :, :p] = prefix[0][l]
+                v_cache[l][slot_idx, :, :p] = prefix[1][l]
 
         def attend(l, q, k, v, scale):
             # Causal attention over the prompt itself; padding sits after each row's last token.
-            window = self.windows[l]
-            return self._attention(q, k, v, masks[window] if window else None, scale, causal=True, sinks=self.sinks[l])
+            if p:
+                k = torch.cat((prefix[0][l].expand(n, -1, -1, -1), k), dim=2)
+                v = torch.cat((prefix[1][l].expand(n, -1, -1, -1), v), dim=2)
+            mask = masks.get(self.windows[l]) if p or self.windows[l] else None
+            return self._attention(q, k, v, mask, scale, causal=True, sinks=self.sinks[l])
 
         x = self._layers(x, positions, write, attend, deepstack)
         return self._logits(x[torch.arange(n, device=x.device), lengths - 1])

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.cache import free_memory, in_memory
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
+from airflow_hfllm.engine.oom import out_of_memory
+from airflow_hfllm.engine.prefix import Prefix, PrefixCache
 from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
 from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
@@ -53,13 +55,14 @@ class FastEngine:
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
     :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
         (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
+    :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows).
     """
 
     vision = False
 
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
-                 decode_kernel: bool | None = None, should_stop: Callable[[], bool] | None = None,
+                 decode_kernel: bool | None = None, prefix_reuse: bool = True, should_stop: Callable[[], bool] | None = None,
                  on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
@@ -98,6 +101,7 @@ class FastEngine:
         self.sample = Sampler(params, self.vocab, self.eos, self.device)
         self._counted = bool(params.presence_penalty or params.frequency_penalty)
         self.columns = Columns(loaded.tokenizer)
+        self.prefix = PrefixCache(prefix_reuse and not self.vision)
 
     # -- sizing ------------------------------------------------------------------------------------
     def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
@@ -237,7 +241,7 @@ class FastEngine:
         import torch
 
         seed = 0 if seed is None else seed
-        sched = Scheduler(items, lookahead, self._enqueue, self._prepare)
+        sched = Scheduler(items, lookahead, self._enqueue, self._prepare, lambda r: self.prefix.cost(r.input_ids))
         sched.refill()
         if not sched.waiting:
             return
@@ -252,12 +256,12 @@ class FastEngine:
                     if sched.needs_plan():
                         plan = self._plan([row.request for row in sched.waiting])
                         if not in_memory(self._allocate, *plan):
-                            self._out_of_memory("allocating the KV cache", plan, sched)
+                            out_of_memory(self, "allocating the KV cache", plan, sched)
                             continue
                         sched.resize(*self._shape)
                         self.done.fill_(True)
                 if not in_memory(self._admit_waiting, sched, seed):
-                    self._out_of_memory("prefill", self._shape, sched, prefill=True)
+                    out_of_memory(self, "prefill", self._shape, sched, prefill=True)
                     sched.refill()
                     continue
                 yield from sched.take_ended()
@@ -265,45 +269,13 @@ class FastEngine:
                     sched.refill()
                     continue
                 if not in_memory(self._run_steps):
-                    self._out_of_memory("decode", self._shape, sched)
+                    out_of_memory(self, "decode", self._shape, sched)
                     sched.refill()
                     continue
                 if self.constraint:
                     self.constraint.decoded(self.tokens, self.done)
                 yield from self._harvest(sched)
                 sched.refill()
-
-    def _out_of_memory(self, where: str, plan: tuple[int, int], sched: Scheduler, prefill: bool = False) -> None:
-        """After CUDA ran out of memory ``where`` with ``plan`` = (slots, max_len): the running rows go back
-        to the window and the state is released, to be rebuilt with half the slots (after a prefill, half
-        the prefill group too). One slot: its row ends in error; a KV cache of one slot that does not fit
-        raises."""
-        slots, max_len = plan
-        running = sched.preempt()
-        self._release()
-        if slots <= 1:
-            if not running:
-                import torch
-
-                need = max_len * kv_bytes_per_token(self.model, self.dtype)
-                free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
-                raise RuntimeError(
-                    f"out of GPU memory for the fast engine's KV cache even with one slot: {max_len} tokens need "
-                    f"{need / 2**20:.0f} MiB ({free / 2**20:.0f} MiB free on {self.device}); give the rows fewer "
-                    f"max_new_tokens or shorter prompts (max_prompt_tokens), or run on a GPU with more memory")
-            for row in running:
-                self.oom_errors += 1
-                tokens = len(row.request.input_ids) + row.request.max_new_tokens
-                log.warning("one row does not fit in GPU memory (%d tokens in one slot); marked as error", tokens)
-                sched.fail(row, f"out of GPU memory for {tokens} tokens")
-            return
-        self.oom_splits += 1
-        self.max_slots = slots // 2
-        self.prefill_tokens = max(1, self.prefill_tokens // 2) if prefill else self.prefill_tokens
-        sched.requeue(running)  # the same tokens again: their samples depend on seed, row id and step only
-        log.warning("CUDA out of memory in %s with %d slots: %d running rows go back to the queue; continuing "
-                    "with %d slots, prefill groups of up to %d tokens (batch_size=%d would start there)",
-                    where, slots, len(running), self.max_slots, self.prefill_tokens, self.max_slots)
 
     def _enqueue(self, row: Row) -> None:
         """Called as a row enters the window (the vision engine starts decoding its images)."""
@@ -315,8 +287,11 @@ class FastEngine:
     def _admit_waiting(self, sched: Scheduler, seed: int) -> None:
         """Prefill waiting rows into free slots, group by group."""
         while group := sched.admit(self.prefill_tokens):
-            slots, rows = zip(*group)
-            self._admit([row.request for row in rows], list(slots), [row_seed(seed, row.key) for row in rows])
+            window = [row.request.input_ids for row in sched.waiting]
+            for prefix, part in self.prefix.split([row.request.input_ids for _, row in group], window, self._prefix):
+                slots, rows = zip(*(group[i] for i in part))
+                self._admit([row.request for row in rows], list(slots), [row_seed(seed, row.key) for row in rows],
+                            prefix)
 
     def _add_prefill_events(self, sync: bool = False) -> None:
         """Adds up the prefills' GPU time: after a host sync (or ``sync``), their events have completed."""
@@ -331,22 +306,35 @@ class FastEngine:
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
                 "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3), "decode_steps": self.steps,
                 "slots": self._shape[0] if self._shape else None,
-                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors}
+                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors, **self.prefix.stats()}
 
-    def _padded_ids(self, group: list[Request]):
-        """The group's prompt ids [n, W], right-padded, on the device."""
-        return right_padded([r.input_ids for r in group]).to(self.device)
+    def _padded_ids(self, group: list[Request], skip: int = 0):
+        """The group's prompt ids [n, W] after the first ``skip``, right-padded, on the device."""
+        return right_padded([r.input_ids[skip:] for r in group]).to(self.device)
 
-    def _inputs(self, group: list[Request]):
+    def _inputs(self, group: list[Request], skip: int = 0):
         """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n] or
-        ``None``, deepstack features or ``None``: a vision model's, see ``Decoder.prefill``) on the device."""
+        ``None``, deepstack features or ``None``: a vision model's, see ``Decoder.prefill``) on the device,
+        for the tokens after the shared prefix's ``skip``."""
         import torch
 
-        ids = self._padded_ids(group)
-        positions = torch.arange(ids.shape[1], device=self.device).expand(*ids.shape)
+        ids = self._padded_ids(group, skip)
+        positions = torch.arange(skip, skip + ids.shape[1], device=self.device).expand(*ids.shape)
         return ids, self.base.embed_tokens(ids), positions, None, None
 
-    def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int]) -> None:
+    def _prefix(self, ids: list[int]):
+        """A shared prefix's keys and values, per layer [kv_heads, P, head_dim]."""
+        import torch
+
+        dev, shape = self.device, (1, self.decoder.kv_heads, len(ids), self.decoder.head_dim)
+        k, v = ([torch.empty(shape, dtype=self.dtype, device=dev) for _ in self.decoder.layers] for _ in "kv")
+        with prefill_attention():
+            self.decoder.prefill(k, v, self.base.embed_tokens(torch.tensor([ids], device=dev)),
+                                 torch.arange(len(ids), device=dev)[None], torch.tensor([len(ids)], device=dev),
+                                 torch.zeros(1, dtype=torch.long, device=dev))
+        return [t[0] for t in k], [t[0] for t in v]
+
+    def _admit(self, group: list[Request], slot_list: list[int], seeds: list[int], prefix: Prefix | None) -> None:
         import torch
 
         dev = self.device
@@ -355,9 +343,10 @@ class FastEngine:
             self._prefill_events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self._prefill_events[-1][0].record()
         with prefill_attention():  # the vision tower and the decoder
-            ids, x, positions, offsets, deepstack = self._inputs(group)
+            skip = len(prefix.ids) if prefix else 0
+            ids, x, positions, offsets, deepstack = self._inputs(group, skip)
             n, width = ids.shape
-            lengths = torch.tensor([len(r.input_ids) for r in group], device=dev)
+            lengths = torch.tensor([len(r.input_ids) - skip for r in group], device=dev)
             slot_idx = torch.tensor(slot_list, device=dev)
             seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
             max_new = torch.tensor([r.max_new_tokens for r in group], device=dev)
@@ -368,8 +357,11 @@ class FastEngine:
                 rows = torch.arange(n, device=dev)[:, None].expand(n, width)
                 presence = self.presence
                 presence[slot_idx[rows[valid]], ids[valid]] = True
+                if skip:
+                    presence[slot_idx[:, None], torch.tensor(prefix.ids, device=dev)[None]] = True
                 presence = presence[slot_idx]
-            logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack)
+            logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack,
+                                          prefix.kv if prefix else None)
         mask = self.constraint.start(slot_list, slot_idx) if self.constraint else None
         first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence, mask)
         if self.logprobs is not None:
@@ -380,7 +372,7 @@ class FastEngine:
             self.counts[slot_idx] = 0
             self.counts[slot_idx, first] = 1
         self.tokens[slot_idx] = first
-        self.pos[slot_idx] = lengths
+        self.pos[slot_idx] = lengths + skip
         self.rope_offset[slot_idx] = 0 if offsets is None else offsets
         self.n_gen[slot_idx] = 1
         self.max_new[slot_idx] = max_new

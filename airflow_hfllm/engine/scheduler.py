@@ -34,12 +34,15 @@ class Scheduler:
     :param enqueue: called as a row enters the window (the vision engine starts decoding its images).
     :param prepare: called before a row is prefilled; returns an error that ends the row without a slot
         (the vision engine waits for its images here).
+    :param cost: the tokens a row's prefill computes (its prompt, less a shared prefix already computed).
     """
 
     def __init__(self, items: Iterable[tuple[Any, Request, Any]], lookahead: int,
                  enqueue: Callable[[Row], None] = lambda row: None,
-                 prepare: Callable[[Row], str | None] = lambda row: None):
+                 prepare: Callable[[Row], str | None] = lambda row: None,
+                 cost: Callable[[Request], int] = lambda request: len(request.input_ids)):
         self.items = iter(items)
+        self.cost = cost
         self.lookahead = lookahead
         self.enqueue, self.prepare = enqueue, prepare
         self.waiting: list[Row] = []
@@ -96,7 +99,7 @@ class Scheduler:
                     self.waiting.remove(row)
                     self.fail(row, error)
                     continue
-                new_width = max(width, len(row.request.input_ids))
+                new_width = max(width, self.cost(row.request))
                 if group and new_width * (len(group) + 1) > budget:
                     break
                 group.append(row)

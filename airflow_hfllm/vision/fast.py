@@ -138,7 +138,7 @@ class VisionFastEngine(FastEngine):
         return {**super().stats(), "image_wait_seconds": round(self.image_wait_seconds, 3),
                 "packed_attention_modules": self.packed_attention_modules}
 
-    def _inputs(self, group: list[Request]):
+    def _inputs(self, group: list[Request], skip: int = 0):  # no prefix reuse: skip is 0
         import torch
 
         dev = self.device

@@ -96,10 +96,10 @@ def test_fast_engine_halves_its_slots_and_requeues_the_running_rows(loaded, reqs
     elif where == "prefill":
         admit = engine._admit
 
-        def fail(group, slot_list, seeds):
+        def fail(group, slot_list, seeds, prefix):
             if len(group) > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            admit(group, slot_list, seeds)
+            admit(group, slot_list, seeds, prefix)
 
         engine._admit, splits, slots = fail, 2, 2
     else:  # once, mid-run: some rows are done, the others are halfway through their tokens
@@ -126,10 +126,10 @@ def test_fast_engine_row_that_does_not_fit_one_slot_ends_in_error(loaded, reqs, 
     engine = FastEngine(loaded, GREEDY, slots=1, steps_per_sync=4)
     admit, poison = engine._admit, reqs[7]
 
-    def fail(group, slot_list, seeds):
+    def fail(group, slot_list, seeds, prefix):
         if any(r is poison for r in group):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        admit(group, slot_list, seeds)
+        admit(group, slot_list, seeds, prefix)
 
     engine._admit = fail
     out = engine.generate(reqs)
@@ -193,9 +193,9 @@ def test_fast_engine_admits_rows_block_by_block(loaded, reqs, single):
     engine = FastEngine(loaded, GREEDY, slots=3, steps_per_sync=2)
     admit, order, arrival = engine._admit, [], {id(r): i for i, r in enumerate(reqs)}
 
-    def spy(group, slot_list, seeds):
+    def spy(group, slot_list, seeds, prefix):
         order.extend(arrival[id(r)] for r in group)
-        admit(group, slot_list, seeds)
+        admit(group, slot_list, seeds, prefix)
 
     engine._admit = spy
     done = dict(engine.stream(((i, r, i) for i, r in enumerate(reqs)), lookahead=8))
