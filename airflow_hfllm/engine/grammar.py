@@ -73,17 +73,17 @@ def compile_grammar(json_schema: dict | None = None, regex: str | None = None,
                     choices: Sequence[str] | None = None) -> str | None:
     """The llguidance grammar of whichever parameter is set (``None`` when none is); a ``ValueError`` naming
     the parameter when the schema or the regex is invalid."""
+    if json_schema is None and regex is None and not choices:
+        return None  # llguidance is imported by constrained jobs only
     from llguidance import LLMatcher
 
     if json_schema is not None:
         name, grammar = "json_schema", LLMatcher.grammar_from_json_schema(json_schema, overrides=JSON_OPTIONS)
     elif regex is not None:
         name, grammar = "regex", LLMatcher.grammar_from_regex(regex)
-    elif choices:
+    else:
         # a Lark alternation of string literals (JSON's escapes are Lark's), as llguidance's grammar_from does
         name, grammar = "choices", LLMatcher.grammar_from_lark("start: " + " | ".join(map(json.dumps, choices)))
-    else:
-        return None
     problem = LLMatcher.validate_grammar(grammar)
     if problem:
         raise ValueError(f"{name} is invalid: {problem.strip()}")
