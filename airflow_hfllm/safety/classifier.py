@@ -1,13 +1,28 @@
-"""Any sequence-classification model with safe/unsafe-like labels (``id2label``)."""
+"""Any sequence-classification model with safe/unsafe-like labels (``id2label``).
+
+Rows (texts, or windows of texts longer than the model's limit) are sorted by length and run in passes of
+at most ``batch_size`` rows and ``token_budget`` padded tokens, so a pass pads little; the verdicts come
+back in input order. The model runs in the load dtype (bf16 on GPU, fp16 where bf16 is missing, fp32 on
+CPU) with the attention transformers picks for it (SDPA where the model has it), except DeBERTa-v2/v3
+(Prompt Guard's, eager only in transformers), whose disentangled attention runs through one SDPA call
+(:mod:`~airflow_hfllm.safety.deberta`, ``fast=True``). Every pass's ids go to the device in one copy
+before the first pass and the scores come back in one copy after the last: nothing waits on the GPU in
+between.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from contextlib import nullcontext
 from typing import Sequence
 
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
+
+log = logging.getLogger(__name__)
 
 SAFE_LABELS = {"safe", "benign", "ok", "neutral", "normal", "clean", "sfw", "non-toxic", "non_toxic",
                "nontoxic", "not_toxic", "not-toxic", "non-hate", "nothate", "label_0"}
@@ -17,19 +32,31 @@ class ClassifierChecker(SafetyChecker):
     """:param model: hub id or folder of an ``AutoModelForSequenceClassification`` model.
     :param safe_labels: the labels that mean safe; by default those named like ``safe``/``benign``.
     :param threshold: a text is unsafe when the unsafe probability reaches this.
+    :param batch_size: most rows (texts or windows) per forward pass.
+    :param token_budget: most rows x longest row (padded tokens) per forward pass.
+    :param fast: DeBERTa-v2/v3 attention through SDPA (:mod:`~airflow_hfllm.safety.deberta`); ``False``:
+        transformers' own. Other models take transformers' attention either way.
     """
 
     def __init__(self, model: str, *, revision: str | None = None, hub: HubOptions | None = None,
-                 safe_labels: Sequence[str] | None = None, threshold: float = 0.5, batch_size: int = 32):
+                 safe_labels: Sequence[str] | None = None, threshold: float = 0.5, batch_size: int = 256,
+                 token_budget: int = 32_768, fast: bool = True):
         self.spec = ModelSpec(model, revision=revision, task="classifier")
         self.hub = hub
         self.safe_labels = {s.lower() for s in safe_labels} if safe_labels else None
         self.threshold = threshold
         self.batch_size = batch_size
+        self.token_budget = token_budget
+        self.fast = fast
         self.name = f"classifier:{model}"
+        self.stats: Counter = Counter()  # texts, rows, tokens (special tokens included): counts only
+        self._loaded = None
+        self.lean = False  # whether the DeBERTa attention runs through SDPA
 
     def load(self):
         loaded = get_model(self.spec, self.hub)
+        if self._loaded is loaded:
+            return loaded
         labels = {int(k): str(v) for k, v in loaded.model.config.id2label.items()}
         wanted = self.safe_labels or SAFE_LABELS
         self._safe = [i for i, name in labels.items() if name.lower() in wanted]
@@ -45,39 +72,104 @@ class ClassifierChecker(SafetyChecker):
         limit = min(limit, getattr(loaded.model.config, "max_position_embeddings", limit) or limit, 4096)
         self._limit = limit
         self._room = limit - len(loaded.tokenizer("")["input_ids"])  # minus the special tokens it adds
+        from airflow_hfllm.safety.deberta import unsupported_reason
+
+        self.lean = self.fast and unsupported_reason(loaded.model) is None
+        self._loaded = loaded
         return loaded
 
     def check(self, texts: Sequence[str], kind: Kind, context=None) -> list[Verdict]:
         import torch
 
         loaded = self.load()
-        tok, model = loaded.tokenizer, loaded.model
-        inputs, owner = [], []
-        for n, text in enumerate(texts):
-            for window in windows(tok(text, add_special_tokens=False)["input_ids"], self._room):
-                # decode + encode adds the model's own special tokens, whatever the tokenizer class
-                inputs.append(tok(tok.decode(window), truncation=True, max_length=self._limit)["input_ids"])
-                owner.append(n)
-        probs = []
-        for start in range(0, len(inputs), self.batch_size):
-            batch = tok.pad({"input_ids": inputs[start:start + self.batch_size]}, return_tensors="pt")
-            with torch.inference_mode():
-                logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float()
-            probs.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
-        probs = torch.cat(probs).cpu()
+        if not texts:
+            return []
+        owner, rows = self._rows(loaded.tokenizer, list(texts))
+        self.stats.update(texts=len(texts), rows=len(rows), tokens=sum(map(len, rows)))
+        passes = list(self._batches(sorted(range(len(rows)), key=lambda i: len(rows[i])), rows))
+        probs = torch.empty(len(rows), len(self._labels))
+        order, by_pass = [i for batch in passes for i in batch], [[rows[i] for i in batch] for batch in passes]
+        try:
+            probs[order] = self._probs(loaded, by_pass)
+        except Exception as exc:
+            if not self.lean or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            log.warning("classifier %s: the SDPA DeBERTa attention failed (%s: %s); transformers' attention from "
+                        "now on", self.spec.model, type(exc).__name__, str(exc)[:200])
+            self.lean = False
+            probs[order] = self._probs(loaded, by_pass)
         require_finite(probs, self.name)
-        out = []
-        for n in range(len(texts)):
-            rows = probs[[i for i, o in enumerate(owner) if o == n]]
-            if self._multi_label:
-                score = rows[:, self._unsafe].max().item()
-            else:
-                score = (1 - rows[:, self._safe].sum(-1)).max().item()
-            categories = tuple(
-                self._labels[i] for i in self._unsafe if rows[:, i].max().item() >= self.threshold
-            )
-            out.append(Verdict(self.name, score < self.threshold, score, categories))
-        return out
+        if self._multi_label:
+            row_scores = probs[:, self._unsafe].max(-1).values
+        else:
+            row_scores = 1 - probs[:, self._safe].sum(-1)
+        # a text's score and label probabilities: the highest over its windows
+        index = torch.tensor(owner)
+        scores = row_scores.new_zeros(len(texts)).scatter_reduce(0, index, row_scores, "amax", include_self=False)
+        per_label = probs.new_zeros(len(texts), probs.shape[1]).scatter_reduce(
+            0, index[:, None].expand_as(probs), probs, "amax", include_self=False)
+        flagged = (per_label >= self.threshold).tolist()
+        return [Verdict(self.name, score < self.threshold, score,
+                        tuple(self._labels[i] for i in self._unsafe if flagged[n][i]))
+                for n, score in enumerate(scores.tolist())]
+
+    def _rows(self, tok, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+        """Token ids (with the model's special tokens) of each row to judge, and the text each belongs
+        to: one row per text, or one per window of a text longer than the model's limit."""
+        owner, rows = [], []
+        for n, ids in enumerate(tok(texts)["input_ids"]):  # one batched call: the fast tokenizers' threads
+            if len(ids) <= self._limit:
+                owner.append(n)
+                rows.append(ids)
+                continue
+            for window in windows(tok(texts[n], add_special_tokens=False)["input_ids"], self._room):
+                # decode + encode adds the model's own special tokens, whatever the tokenizer class
+                owner.append(n)
+                rows.append(tok(tok.decode(window), truncation=True, max_length=self._limit)["input_ids"])
+        return owner, rows
+
+    def _batches(self, order: list[int], rows: list[list[int]]):
+        """Runs of ``order`` (rows by length) within ``batch_size`` rows and ``token_budget`` padded tokens."""
+        batch, width = [], 0
+        for i in order:
+            wider = max(width, len(rows[i]))
+            if batch and (len(batch) == self.batch_size or wider * (len(batch) + 1) > self.token_budget):
+                yield batch
+                batch, wider = [], len(rows[i])
+            batch.append(i)
+            width = wider
+        if batch:
+            yield batch
+
+    def _probs(self, loaded, passes: list[list[list[int]]]):
+        """Label probabilities [rows, labels] (fp32, on the CPU) of every pass's rows, in pass order."""
+        import torch
+
+        tok, model = loaded.tokenizer, loaded.model
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        left = getattr(tok, "padding_side", "right") == "left"
+        host, shapes = [], []
+        for rows in passes:
+            n, width = len(rows), max(1, *map(len, rows))  # 1: an empty text of a tokenizer without special tokens
+            ids = torch.full((n, width), pad, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                cols = slice(width - len(row), width) if left else slice(0, len(row))
+                ids[r, cols] = torch.tensor(row, dtype=torch.long)
+                mask[r, cols] = 1
+            host += [ids.flatten(), mask.flatten()]
+            shapes.append((n, width))
+        device = torch.cat(host).to(model.device)  # one copy for all passes
+        from airflow_hfllm.safety.deberta import lean_attention
+
+        out, at = [], 0
+        with torch.inference_mode(), lean_attention(model) if self.lean else nullcontext():
+            for n, width in shapes:
+                ids, mask = device[at:at + n * width].view(n, width), device[at + n * width:at + 2 * n * width]
+                at += 2 * n * width
+                logits = model(input_ids=ids, attention_mask=mask.view(n, width)).logits.float()
+                out.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
+            return torch.cat(out).cpu()
 
     def fingerprint(self) -> dict:
         return {"checker": "classifier", "model": self.spec.model, "revision": self.spec.revision,
