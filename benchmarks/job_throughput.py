@@ -137,7 +137,7 @@ def run_engine(folder: str, input_path: str, new_tokens: int) -> dict:
     table = pq.read_table(input_path)
     prompts, kind = PromptBuilder(), TextKind()
     started = time.monotonic()
-    requests = [kind.request(prompts.messages(row), None, loaded, new_tokens) for row in table.to_pylist()]
+    requests = kind.requests([(prompts.messages(row), None, new_tokens) for row in table.to_pylist()], loaded)
     tokenize_s = time.monotonic() - started
     keys = table.column("id").to_pylist()
     engine = FastEngine(loaded, GenerationParams(max_new_tokens=new_tokens, do_sample=False))

@@ -205,12 +205,16 @@ class FastEngine:
             state = [t for t in (self.tokens, self.pos, self.n_gen, self.done, self.out, self.presence, self.counts)
                      if t is not None]
             saved = [t.clone() for t in state]
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream), torch.inference_mode():
                 self._steps(1)  # warm-up: lazy inits and autotuning outside the graph
+                # no device sync first (torch.cuda.graph's): the host captures while the GPU runs the prefills
+                graph.capture_begin()
+                try:
+                    self._steps(self.steps_per_sync)
+                finally:
+                    graph.capture_end()
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph):
-                self._steps(self.steps_per_sync)
             for t, s in zip(state, saved):
                 t.copy_(s)
             self._graph = graph

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from airflow_hfllm.config import GenerationParams, JobConfig, ModelSpec
 from airflow_hfllm.engine.generate import Request
+from airflow_hfllm.engine.prompts import RowError
 from airflow_hfllm.io.dataset import Dataset
 
 
@@ -31,8 +32,9 @@ class Kind(Protocol):
     def prepare(self, values: dict) -> Any:
         """What the row adds to its prompt; raise :class:`RowError` for a bad row."""
 
-    def request(self, messages: list, extra: Any, loaded, max_new_tokens: int) -> Request:
-        """The row's generation request; raise :class:`RowError` for a bad row."""
+    def requests(self, rows: list[tuple[list, Any, int]], loaded) -> list[Request | RowError]:
+        """Each row's generation request, from its (messages, extra, max_new_tokens), or the
+        :class:`RowError` that ends it."""
 
     def engines(self, loaded, params: GenerationParams, config: JobConfig, **common) -> tuple[Any, Any]:
         """(the fast engine's class and its extra arguments, a function building the batched generator)."""
@@ -70,10 +72,11 @@ class TextKind:
     def prepare(self, values: dict) -> None:
         return None
 
-    def request(self, messages: list, extra: None, loaded, max_new_tokens: int) -> Request:
-        from airflow_hfllm.engine.prompts import encode
+    def requests(self, rows: list[tuple[list, None, int]], loaded) -> list[Request | RowError]:
+        from airflow_hfllm.engine.prompts import encode_many
 
-        return Request(encode(loaded.tokenizer, messages, self.template_kwargs), max_new_tokens)
+        encoded = encode_many(loaded.tokenizer, [messages for messages, _, _ in rows], self.template_kwargs)
+        return [ids if isinstance(ids, RowError) else Request(ids, new) for ids, (_, _, new) in zip(encoded, rows)]
 
     def engines(self, loaded, params: GenerationParams, config: JobConfig, **common):
         from airflow_hfllm.engine.fast import FastEngine

@@ -132,10 +132,17 @@ class Steps:
             except RowError as exc:
                 row.fail(str(exc))
         self._check_prompts([row for row in rows if row.live])
-        limit = context_limit(loaded.model)
+        wanted = []
         for row in rows:
             if row.live:
-                self._request(row, loaded, limit)
+                try:
+                    wanted.append((row, self.max_new_tokens(row.values)))
+                except RowError as exc:
+                    row.fail(str(exc))
+        made = self.kind.requests([(row.messages, row.extra, new) for row, new in wanted], loaded)
+        limit = context_limit(loaded.model)
+        for (row, _), request in zip(wanted, made):
+            self._request(row, request, limit)
         chunk = Chunk(index, table, [sample for row in rows for sample in self._samples(row)])
         self.progress.skipped(len(chunk.rows) - len(chunk.todo))
         return chunk
@@ -162,11 +169,9 @@ class Steps:
                 row.finish_reason = "unsafe_prompt"
                 self.progress.unsafe_prompt += 1
 
-    def _request(self, row: Row, loaded, limit: int | None) -> None:
-        try:
-            request = self.kind.request(row.messages, row.extra, loaded, self.max_new_tokens(row.values))
-        except RowError as exc:
-            row.fail(str(exc))
+    def _request(self, row: Row, request: Request | RowError, limit: int | None) -> None:
+        if isinstance(request, RowError):
+            row.fail(str(request))
             return
         n = row.prompt_tokens = len(request.input_ids)
         most = self.config.max_prompt_tokens

@@ -72,7 +72,16 @@ class VisionKind:
             raise RowError(str(exc)) from None
         return sources
 
-    def request(self, messages: list, sources: list, loaded, max_new_tokens: int) -> Request:
+    def requests(self, rows: list[tuple[list, list, int]], loaded) -> list[Request | RowError]:
+        made = []
+        for messages, sources, max_new_tokens in rows:
+            try:
+                made.append(self.request(messages, sources, max_new_tokens))
+            except RowError as exc:
+                made.append(exc)
+        return made
+
+    def request(self, messages: list, sources: list, max_new_tokens: int) -> Request:
         probed = []
         for k, source in enumerate(sources):
             try:
