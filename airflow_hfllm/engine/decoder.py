@@ -8,6 +8,7 @@ import inspect
 from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
 from airflow_hfllm.engine.arch.fuse import fuse_projections
 from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
+from airflow_hfllm.engine.arch.longrope import LongRope
 from airflow_hfllm.engine.loading import LoadedModel, quant_method
 
 
@@ -26,8 +27,10 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
         return "unmerged PEFT adapter"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     for params in (rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]):
-        if params.get("rope_type", params.get("type", "default")) not in ROPE_TYPES:
-            return f"rope type {params.get('rope_type')!r}"
+        kind = params.get("rope_type", params.get("type", "default"))
+        # longrope as Phi-3's generate() runs it (engine/arch/longrope.py); other models' keep their KV cache
+        if kind not in ROPE_TYPES or (kind == "longrope" and cfg.model_type != "phi3"):
+            return f"rope type {kind!r}" + (f" in {cfg.model_type}" if kind in ROPE_TYPES else "")
     base = text_model(model)
     if base is None or not all(hasattr(base, a) for a in ("layers", "rotary_emb", "embed_tokens", "norm")) \
             or not hasattr(model, "lm_head"):
@@ -86,6 +89,7 @@ class Decoder:
         self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
         self.sinks = [getattr(layer.self_attn, "sinks", None) for layer in self.layers]  # gpt-oss
         self.half_tables = cfg.model_type == "gpt_oss"
+        self.longrope = LongRope.of(self.base.rotary_emb)  # Phi-3.5, Phi-4-mini: each row on its own factors
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
         weight = next(model.parameters())
@@ -102,10 +106,13 @@ class Decoder:
 
             model.set_experts_implementation("batched_mm" if weight.dtype == torch.float32 else "grouped_mm")
 
-    def rope(self, x, positions, layer_type: str | None = None):
-        """cos, sin [n, T, rotary_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope)."""
+    def rope(self, x, positions, layer_type: str | None = None, lengths=None):
+        """cos, sin [n, T, rotary_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope); ``lengths``
+        [n]: a right-padded prefill's row lengths."""
         import torch
 
+        if self.longrope:
+            return self.longrope(x, positions, lengths)
         if self.mrope_section and positions.dim() == 2:  # the same position on the t, h and w axes
             positions = positions[None].expand(3, -1, -1)
         if layer_type is not None:
@@ -119,9 +126,14 @@ class Decoder:
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         return cos, sin
 
-    def _layers(self, x, positions, write, attend, deepstack=None):
+    def stepping(self, done, positions):
+        """[slots] bool: the rows a decode step at ``positions`` advances: those not ``done``, except LongRoPE
+        rows about to pass the original context (:func:`~airflow_hfllm.engine.arch.longrope.recompute`)."""
+        return ~done & ~self.longrope.waits(positions) if self.longrope else ~done
+
+    def _layers(self, x, positions, write, attend, deepstack=None, lengths=None):
         if self.layer_types is None:
-            tables = [self.rope(x, positions)] * len(self.layers)
+            tables = [self.rope(x, positions, lengths=lengths)] * len(self.layers)
         else:
             by_type = {t: self.rope(x, positions, t) for t in set(self.layer_types)}
             tables = [by_type[t] for t in self.layer_types]
@@ -198,7 +210,7 @@ class Decoder:
             mask = masks.get(self.windows[l]) if p or self.windows[l] else None
             return self._attention(q, k, v, mask, scale, causal=True, sinks=self.sinks[l])
 
-        x = self._layers(x, positions, write, attend, deepstack)
+        x = self._layers(x, positions, write, attend, deepstack, lengths)
         return self._logits(x[torch.arange(n, device=x.device), lengths - 1])
 
     def decode(self, k_cache, v_cache, tokens, pos, rope_offset, slots, columns):

@@ -34,6 +34,7 @@ from airflow_hfllm.engine.prefix import Prefix, PrefixCache
 from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
 from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
+from airflow_hfllm.engine.arch.longrope import recompute
 from airflow_hfllm.engine.grammar import constraint, judged
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
@@ -55,15 +56,15 @@ class FastEngine:
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
     :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
         (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
-    :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows).
+    :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows, not LongRoPE).
     """
 
     vision = False
 
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
-                 decode_kernel: bool | None = None, prefix_reuse: bool = True, should_stop: Callable[[], bool] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 decode_kernel: bool | None = None, prefix_reuse: bool = True,
+                 should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
@@ -71,8 +72,7 @@ class FastEngine:
             raise ValueError("fast engine does not do beam search")
         import torch
 
-        self.loaded, self.params = loaded, params
-        self.model = loaded.model
+        self.loaded, self.params, self.model = loaded, params, loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
         self.decoder = Decoder(self.model, kernel=decode_kernel)
@@ -86,22 +86,19 @@ class FastEngine:
         # every call, which a CUDA graph cannot hold: its steps run eagerly
         self.cuda_graphs = (self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
                             ) if cuda_graphs is None else cuda_graphs
-        self.should_stop = should_stop or (lambda: False)
-        self.on_batch = on_batch or (lambda rows, tokens: None)
+        self.should_stop, self.on_batch = should_stop or (lambda: False), on_batch or (lambda rows, tokens: None)
         self.capture_seconds = self.prefill_seconds = 0.0  # host seconds
         self.prefill_gpu_seconds = 0.0  # GPU time between each prefill's start and end events
-        self._prefill_events = []  # (start, end) CUDA events not yet added up
-        self.steps = 0
         self.oom_splits = 0  # times the slots were halved after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory alone in one slot (they end in error)
-        self.per_row_seeds = True
-        self._shape = None  # (slots, max_len) of the allocated state
-        self._graph = None
+        self.steps, self.per_row_seeds, self._prefill_events = 0, True, []  # (start, end) CUDA events not yet added up
+        self._shape = self._graph = None  # (slots, max_len) of the allocated state, and its CUDA graph
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self.sample = Sampler(params, self.vocab, self.eos, self.device)
         self._counted = bool(params.presence_penalty or params.frequency_penalty)
         self.columns = Columns(loaded.tokenizer)
-        self.prefix = PrefixCache(prefix_reuse and not self.vision)
+        # not LongRoPE: its prompt's factors depend on the whole prompt's length (engine/arch/longrope.py)
+        self.prefix = PrefixCache(prefix_reuse and not self.vision and not self.decoder.longrope)
 
     # -- sizing ------------------------------------------------------------------------------------
     def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
@@ -168,26 +165,29 @@ class FastEngine:
 
     def _steps(self, count: int) -> None:
         """``count`` decode steps, in place on the state tensors (this is what the CUDA graph holds)."""
-        import torch
-
         for _ in range(count):
             logits = self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
                                          self.arange_slots, self.arange_len)
-            nxt = self.sample(logits, self.seeds, self.n_gen, self.counts, self.presence, self.mask)
-            live = ~self.done
-            col = self.n_gen.clamp(max=self.out.shape[1] - 1)
-            self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
-            if self.logprobs is not None:  # the raw logits: the sampler does not change them in place
-                self.logprobs.record(logits, nxt, self.arange_slots, col, live)
-            if self.presence is not None:
-                self.presence[self.arange_slots, nxt] |= live
-            if self.counts is not None:
-                self.counts.scatter_add_(1, nxt[:, None], live[:, None].to(self.counts.dtype))
-            self.n_gen += live.long()
-            finished = torch.isin(nxt, self.eos_tensor) | (self.n_gen >= self.max_new)
-            self.done |= live & finished
-            self.tokens.copy_(torch.where(live, nxt, self.tokens))
-            self.pos.copy_(torch.where(live, self.pos + 1, self.pos))
+            self.advance(logits, self.decoder.stepping(self.done, self.pos + self.rope_offset))
+
+    def advance(self, logits, live) -> None:
+        """One step of the ``live`` rows [slots] from their ``logits`` [slots, V]: sampled, recorded, moved on."""
+        import torch
+
+        nxt = self.sample(logits, self.seeds, self.n_gen, self.counts, self.presence, self.mask)
+        col = self.n_gen.clamp(max=self.out.shape[1] - 1)
+        self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
+        if self.logprobs is not None:  # the raw logits: the sampler does not change them in place
+            self.logprobs.record(logits, nxt, self.arange_slots, col, live)
+        if self.presence is not None:
+            self.presence[self.arange_slots, nxt] |= live
+        if self.counts is not None:
+            self.counts.scatter_add_(1, nxt[:, None], live[:, None].to(self.counts.dtype))
+        self.n_gen += live.long()
+        finished = torch.isin(nxt, self.eos_tensor) | (self.n_gen >= self.max_new)
+        self.done |= live & finished
+        self.tokens.copy_(torch.where(live, nxt, self.tokens))
+        self.pos.copy_(torch.where(live, self.pos + 1, self.pos))
 
     def _run_steps(self) -> None:
         import torch
@@ -289,13 +289,14 @@ class FastEngine:
         return None
 
     def _admit_waiting(self, sched: Scheduler, seed: int) -> None:
-        """Prefill waiting rows into free slots, group by group."""
+        """Prefill waiting rows into free slots, group by group; then LongRoPE rows at the original context again."""
         while group := sched.admit(self.prefill_tokens):
             window = [row.request.input_ids for row in sched.waiting]
             for prefix, part in self.prefix.split([row.request.input_ids for _, row in group], window, self._prefix):
                 slots, rows = zip(*(group[i] for i in part))
                 self._admit([row.request for row in rows], list(slots), [row_seed(seed, row.key) for row in rows],
                             prefix)
+        recompute(self, sched)
 
     def _add_prefill_events(self, sync: bool = False) -> None:
         """Adds up the prefills' GPU time: after a host sync (or ``sync``), their events have completed."""

@@ -9,6 +9,7 @@ import os
 import pathlib
 
 WINDOW = 16
+LONGROPE_CONTEXT = 128  # the longrope config's original_max_position_embeddings
 # name -> (model_type, config arguments); every config: 2-4 layers, hidden 64, 4 heads over 2 KV heads.
 FAMILY_CONFIGS = {
     "llama": ("llama", {}),
@@ -31,6 +32,12 @@ FAMILY_CONFIGS = {
                                             "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
                           "mm_tokens_per_image": 4, "tie_word_embeddings": False}),
     "phi3": ("phi3", {"partial_rotary_factor": 0.5}),
+    # Phi-4-mini's rope: longrope, partial rotary 0.75 (12 of 16 dims: 6 factors each); test rows start below
+    # and above the original context of 128 tokens, and cross it while decoding
+    "phi3-longrope": ("phi3", {"original_max_position_embeddings": LONGROPE_CONTEXT, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": LONGROPE_CONTEXT, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+        "long_factor": [1.5, 2.5, 4.0, 6.5, 10.0, 16.0]}}),
     "gpt-oss": ("gpt_oss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
                             "layer_types": ["sliding_attention", "full_attention"], "quantization_config": None,
                             "rope_parameters": {"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 32.0,

@@ -1,6 +1,7 @@
 """Every model family of the fast engine, as a tiny random model of its own config loaded through
 from_pretrained: greedy tokens equal transformers generate() exactly (CPU, fp32), with rows joining and
-leaving slots; windowed families run sequences of at least 3x their window."""
+leaving slots; windowed families run sequences of at least 3x their window, and the longrope config's rows
+start below and above its original context and cross it while decoding."""
 
 import pytest
 
@@ -9,7 +10,7 @@ from airflow_hfllm.engine.arch import FAMILIES
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator
 from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.testing.families import FAMILY_CONFIGS, WINDOW, make_family_model, to_mxfp4, window
+from airflow_hfllm.testing.families import FAMILY_CONFIGS, LONGROPE_CONTEXT, WINDOW, make_family_model, to_mxfp4, window
 from tests.conftest import chat_requests
 
 ROWS, NEW = 20, 40
@@ -36,6 +37,11 @@ def equal_to_generate(loaded, family):
     assert len({c.text for c in reference}) >= 0.9 * ROWS
     if window(family):  # most rows cross the window three times
         assert sum(len(r.input_ids) + c.output_tokens >= 3 * WINDOW for r, c in zip(requests, reference)) >= 0.9 * ROWS
+    if family == "phi3-longrope":  # (prompt length, the last position a decode step ran at) of each row
+        spans = [(len(r.input_ids), len(r.input_ids) + c.output_tokens - 2) for r, c in zip(requests, reference)]
+        assert sum(last < LONGROPE_CONTEXT for _, last in spans) >= 3  # short factors only
+        assert sum(prompt > LONGROPE_CONTEXT for prompt, _ in spans) >= 3  # long factors from the prompt on
+        assert sum(prompt <= LONGROPE_CONTEXT <= last for prompt, last in spans) >= 3  # passing it while decoding
 
     fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
     assert [c.text for c in fast] == [c.text for c in reference]
@@ -62,18 +68,56 @@ def test_gpt_oss_in_mxfp4_is_dequantized_at_load(family_models, tmp_path):
     equal_to_generate(loaded, "gpt-oss")
 
 
+def test_longrope_rows_crossing_the_original_context(family_models, monkeypatch):
+    """The rows that pass the original context while decoding: generate() recomputes their KV cache on the
+    long factors (Phi-3's prepare_inputs_for_generation), and so does the engine, that step's token going
+    through the penalties, the log-probabilities and a grammar as any other; with per-row factors alone (no
+    row waiting for the recompute) every one of those rows gives other tokens than generate()."""
+    from airflow_hfllm.engine.arch.longrope import LongRope
+
+    loaded = get_model(ModelSpec(family_models("phi3-longrope")))
+    requests = [r for r in chat_requests(loaded.tokenizer, ROWS, NEW)
+                if len(r.input_ids) <= LONGROPE_CONTEXT <= len(r.input_ids) + NEW - 2]
+
+    def crossing(reference):
+        return sum(len(r.input_ids) + c.output_tokens - 2 >= LONGROPE_CONTEXT for r, c in zip(requests, reference))
+
+    params = GenerationParams(max_new_tokens=NEW, do_sample=False, repetition_penalty=1.1, presence_penalty=0.5,
+                              frequency_penalty=0.3, logprobs=3)
+    reference = BatchedGenerator(loaded, params, max_batch_size=1).generate(requests)
+    assert crossing(reference) == len(requests) >= 3
+    fast = FastEngine(loaded, params, slots=2, steps_per_sync=4).generate(requests)
+    assert [c.text for c in fast] == [c.text for c in reference]
+    for a, b in zip(fast, reference):
+        assert [t["logprob"] for t in a.top_logprobs] == pytest.approx([t["logprob"] for t in b.top_logprobs], abs=1e-4)
+    # sentences of 10-40 characters: a token the matcher missed around the recompute would move the periods
+    grammar = GenerationParams(max_new_tokens=NEW, do_sample=False, regex=r"([a-z ]{10,40}\.){3}")
+    reference_under_grammar = BatchedGenerator(loaded, grammar, max_batch_size=1).generate(requests)
+    assert crossing(reference_under_grammar) >= 2
+    fast = FastEngine(loaded, grammar, slots=2).generate(requests)
+    assert [c.text for c in fast] == [c.text for c in reference_under_grammar]
+    monkeypatch.setattr(LongRope, "waits", lambda self, positions: positions < 0)
+    fast = FastEngine(loaded, params, slots=2, steps_per_sync=4).generate(requests)
+    assert all(a.text != b.text for a, b in zip(fast, reference))
+
+
 def test_models_left_out_say_why(family_models):
     loaded = get_model(ModelSpec(family_models("llama")))
     config = loaded.model.config
+    rope = config.rope_parameters
     try:
         config.model_type = "falcon"
         reason = unsupported_reason(loaded)
         assert "not one of the fast engine's families" in reason and "docs/design.md" in reason
         config.model_type, config.quantization_config = "gpt_oss", {"quant_method": "mxfp4"}
         assert unsupported_reason(loaded) == "quantized weights (mxfp4)"
-    finally:
-        config.model_type = "llama"
         del config.quantization_config
+        config.model_type, config.rope_parameters = "llama", {**rope, "rope_type": "longrope"}
+        assert unsupported_reason(loaded) == "rope type 'longrope' in llama"  # only Phi-3 recomputes its cache
+    finally:
+        config.model_type, config.rope_parameters = "llama", rope
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
     assert unsupported_reason(loaded) is None
 
 

@@ -33,9 +33,10 @@ FAMILIES = {f.model_type: f for f in (
                                 "interleaved sliding-window and global layers with their own rope bases; logit "
                                 "soft-capping where the config sets it"),
     Family("gemma3", True, "the text decoder of Gemma 3 4B-27B on text rows (as gemma3_text)"),
-    Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4); not `longrope` configs "
-                         "(Phi-3.5, Phi-4-mini): generate() recomputes a row's whole KV cache with the long factors "
-                         "when it passes the original context, which the static cache does not do yet"),
+    Family("phi3", True, "fused qkv and gate/up projections, partial rotary (Phi-4-mini); `longrope` (Phi-3.5, "
+                         "Phi-4-mini) per row: short or long factors by the row's length, and at the step that "
+                         "passes the original context the row's KV cache is recomputed on the long factors, as "
+                         "generate() does"),
     Family("gpt_oss", True, "attention sinks (a per-head logit in the softmax), alternating sliding and global "
                             "layers, MoE with biased experts and a clamped SwiGLU (the model's own); MXFP4 checkpoints "
                             "dequantized at load"),
@@ -53,7 +54,7 @@ VISION = {f.model_type: f for f in (
     Family("qwen3_vl_moe", True, "as qwen3_vl, with the model's sparse MoE block as the MLP (as qwen3_moe)",
            "tests/unit/test_qwen3_vl.py"),
 )}
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "mrope", "longrope")
 
 
 def family_reason(model_type: str, vision: bool = False) -> str | None:
