@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from airflow_hfllm.engine.cache import MODEL_CACHE, ModelCache

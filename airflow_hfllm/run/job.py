@@ -13,7 +13,6 @@ import threading
 import time
 from typing import Any, Iterator
 
-import pyarrow as pa
 
 from airflow_hfllm.config import GenerationParams, HubOptions, JobConfig, ModelSpec, added, identity, options
 from airflow_hfllm.engine.generate import Cancelled

@@ -63,9 +63,17 @@ class VerdictPass:
         def attend(l, q, k, v, scale):
             return causal_attention(q, *keys(l, k, v), scale, self.gqa)
 
-        for layer in self.layers[:-1]:
+        last = self.layers[-1]
+        attn = last.self_attn
+        # the lean last layer is Llama's (Llama Guard's); other layouts (q/k norms, fused q/k/v, partial rotary,
+        # sandwich norms) run the whole layer and keep the last tokens
+        lean = hasattr(attn, "k_proj") and not hasattr(attn, "q_norm") \
+            and not hasattr(last, "pre_feedforward_layernorm") and cos.shape[-1] == self.dims[2]
+        for layer in self.layers if not lean else self.layers[:-1]:
             x = decoder_layer(layer, x, cos, sin, lambda *a: None, attend, self.dims)
-        return self.head(self._last_layer(self.layers[-1], x, cos, sin, lengths, keys)).float()
+        if not lean:
+            return self.head(self.base.norm(x[torch.arange(x.shape[0], device=x.device), lengths - 1])).float()
+        return self.head(self._last_layer(last, x, cos, sin, lengths, keys)).float()
 
     def _last_layer(self, layer, x, cos, sin, lengths, keys):
         """The last layer for each row's last token only (keys and values for all); returns the final

@@ -157,3 +157,23 @@ def test_fused_projections_compute_the_same(family_models, family, per_layer, fp
     fused, forward_after = logits()
     assert torch.allclose(fused, layer_code, atol=1e-5, rtol=1e-5)
     assert torch.equal(forward_after, forward)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+def test_verdict_pass_equals_the_model(family_models, family):
+    """The Llama Guard verdict pass (the last token's logits, through the layer code) on other families:
+    those whose last layer is not Llama's run it whole."""
+    import torch
+
+    from airflow_hfllm.engine.arch.layer import right_padded
+    from airflow_hfllm.safety.verdict_pass import VerdictPass
+
+    loaded = get_model(ModelSpec(family_models(family)))
+    rows = [r.input_ids for r in chat_requests(loaded.tokenizer, 4, 1)]
+    ids, lengths = right_padded(rows), torch.tensor([len(r) for r in rows])
+    heads, kv, hd = VerdictPass(loaded, compile=False).dims
+    empty = [(torch.zeros(1, kv, 0, hd), torch.zeros(1, kv, 0, hd))] * len(loaded.model.model.layers)
+    with torch.inference_mode():
+        got = VerdictPass(loaded, compile=False).logits(ids, lengths, empty)
+        want = torch.stack([loaded.model(torch.tensor([r])).logits[0, -1].float() for r in rows])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
