@@ -7,7 +7,7 @@ fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps
 captured once into a CUDA graph and replayed: one launch instead of thousands of kernels. Sampling is on
 the device with a counter-based hash as its random source: row r's token at step t depends on (seed, row
 id, t) only, not on its batch, and no host sync is needed per step. The host syncs once per replay
-to harvest finished rows and admit new ones (under a grammar, a replay is one step: ``engine/grammar.py``).
+to harvest finished rows and admit new ones (under a grammar, one step in two graphs: ``engine/steps.py``).
 Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
 pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
@@ -35,6 +35,7 @@ from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
 from airflow_hfllm.engine.grammar import constraint, judged
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
+from airflow_hfllm.engine.steps import Captured, grammar_step
 from airflow_hfllm.engine.loading import LoadedModel
 from airflow_hfllm.config import GenerationParams
 
@@ -53,6 +54,8 @@ class FastEngine:
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
     :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
         (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
+    :param grammar_overlap: under a grammar, compute each step's masks while the GPU runs its forward pass
+        (``engine/steps.py``; default: on CUDA); ``False``: after the step, as on the CPU.
     """
 
     vision = False
@@ -60,7 +63,7 @@ class FastEngine:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  decode_kernel: bool | None = None, should_stop: Callable[[], bool] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, grammar_overlap: bool | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
@@ -83,6 +86,8 @@ class FastEngine:
         # every call, which a CUDA graph cannot hold: its steps run eagerly
         self.cuda_graphs = (self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
                             ) if cuda_graphs is None else cuda_graphs
+        if self.constraint:
+            self.constraint.overlap = self.device.type == "cuda" if grammar_overlap is None else grammar_overlap
         self.should_stop = should_stop or (lambda: False)
         self.on_batch = on_batch or (lambda rows, tokens: None)
         self.capture_seconds = self.prefill_seconds = 0.0  # host seconds
@@ -164,56 +169,46 @@ class FastEngine:
 
     def _steps(self, count: int) -> None:
         """``count`` decode steps, in place on the state tensors (this is what the CUDA graph holds)."""
+        for _ in range(count):
+            self._sampled(self._forward())
+
+    def _forward(self, _=None):
+        """A decode step's forward pass: each slot's next-token logits [slots, V]."""
+        return self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
+                                   self.arange_slots, self.arange_len)
+
+    def _sampled(self, logits) -> None:
+        """A decode step's draw from ``logits`` (under the grammar's masks) and its bookkeeping, in place."""
         import torch
 
-        for _ in range(count):
-            logits = self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
-                                         self.arange_slots, self.arange_len)
-            nxt = self.sample(logits, self.seeds, self.n_gen, self.counts, self.presence, self.mask)
-            live = ~self.done
-            col = self.n_gen.clamp(max=self.out.shape[1] - 1)
-            self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
-            if self.logprobs is not None:  # the raw logits: the sampler does not change them in place
-                self.logprobs.record(logits, nxt, self.arange_slots, col, live)
-            if self.presence is not None:
-                self.presence[self.arange_slots, nxt] |= live
-            if self.counts is not None:
-                self.counts.scatter_add_(1, nxt[:, None], live[:, None].to(self.counts.dtype))
-            self.n_gen += live.long()
-            finished = torch.isin(nxt, self.eos_tensor) | (self.n_gen >= self.max_new)
-            self.done |= live & finished
-            self.tokens.copy_(torch.where(live, nxt, self.tokens))
-            self.pos.copy_(torch.where(live, self.pos + 1, self.pos))
+        nxt = self.sample(logits, self.seeds, self.n_gen, self.counts, self.presence, self.mask)
+        live = ~self.done
+        col = self.n_gen.clamp(max=self.out.shape[1] - 1)
+        self.out[self.arange_slots, col] = torch.where(live, nxt, self.out[self.arange_slots, col])
+        if self.logprobs is not None:  # the raw logits: the sampler does not change them in place
+            self.logprobs.record(logits, nxt, self.arange_slots, col, live)
+        if self.presence is not None:
+            self.presence[self.arange_slots, nxt] |= live
+        if self.counts is not None:
+            self.counts.scatter_add_(1, nxt[:, None], live[:, None].to(self.counts.dtype))
+        self.n_gen += live.long()
+        finished = torch.isin(nxt, self.eos_tensor) | (self.n_gen >= self.max_new)
+        self.done |= live & finished
+        self.tokens.copy_(torch.where(live, nxt, self.tokens))
+        self.pos.copy_(torch.where(live, self.pos + 1, self.pos))
 
     def _run_steps(self) -> None:
         import torch
 
         self.steps += self.steps_per_sync
+        if self.constraint:  # one step, with its grammar's host work (engine/steps.py)
+            return grammar_step(self)
         if not self.cuda_graphs:
             with torch.inference_mode():
                 self._steps(self.steps_per_sync)
             return
-        if self._graph is None:
-            started = time.monotonic()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            # the warm-up step is a real one: undo it (the penalties' tensors too, or it would count twice)
-            state = [t for t in (self.tokens, self.pos, self.n_gen, self.done, self.out, self.presence, self.counts)
-                     if t is not None]
-            saved = [t.clone() for t in state]
-            with torch.cuda.stream(stream), torch.inference_mode():
-                self._steps(1)  # warm-up: lazy inits and autotuning outside the graph
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph):
-                self._steps(self.steps_per_sync)
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            self._graph = graph
-            self.capture_seconds += time.monotonic() - started
-            log.info("fast engine: captured %d decode steps as a CUDA graph in %.1f s", self.steps_per_sync,
-                     time.monotonic() - started)
-        self._graph.replay()
+        self._graph = self._graph or Captured(self, lambda: self._steps(1), lambda _: self._steps(self.steps_per_sync))
+        self._graph(0)
 
     # -- scheduling ----------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], seed: int | None = None, keys: Sequence | None = None
@@ -268,8 +263,6 @@ class FastEngine:
                     self._out_of_memory("decode", self._shape, sched)
                     sched.refill()
                     continue
-                if self.constraint:
-                    self.constraint.decoded(self.tokens, self.done)
                 yield from self._harvest(sched)
                 sched.refill()
 
@@ -331,7 +324,8 @@ class FastEngine:
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
                 "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3), "decode_steps": self.steps,
                 "slots": self._shape[0] if self._shape else None,
-                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors}
+                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors,
+                **(self.constraint.stats() if self.constraint else {})}
 
     def _padded_ids(self, group: list[Request]):
         """The group's prompt ids [n, W], right-padded, on the device."""
@@ -370,7 +364,7 @@ class FastEngine:
                 presence[slot_idx[rows[valid]], ids[valid]] = True
                 presence = presence[slot_idx]
             logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack)
-        mask = self.constraint.start(slot_list, slot_idx) if self.constraint else None
+        mask = self.constraint.start(slot_list, dev) if self.constraint else None
         first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence, mask)
         if self.logprobs is not None:
             self.logprobs.record(logits, first, slot_idx, torch.zeros_like(slot_idx))
@@ -388,7 +382,7 @@ class FastEngine:
         self.out[slot_idx, 0] = first
         self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
         if self.constraint:
-            self.constraint.admitted(slot_list, first, self.done)
+            self.constraint.admitted(slot_list, self.tokens, self.done)
         if dev.type == "cuda":
             self._prefill_events[-1][1].record()
         # No sync: the host prepares the next group while the GPU runs this one (seconds are host-side).
