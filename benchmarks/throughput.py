@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --models 7b --batches standard --paths padded,ours --quantization none,8bit,4bit
     python benchmarks/throughput.py --models 70b --batches standard --paths ours --quantization fp8
     python benchmarks/throughput.py --models 7b --batches prefix --paths ours,ours-noprefix
+    python benchmarks/throughput.py --models 7b --batches standard --paths ours,ours-serial --constraint none,json
 
 Random-weight Qwen2 models of real shape are built in-process (no hub). The standard batch is 512
 seeded random-token prompts of 50-300 tokens with 128 new tokens each (EOS never ends a row: greedy on
@@ -26,6 +27,16 @@ for 4bit). Weights GiB is ``model.get_memory_footprint()``; peak GiB is counted 
 per-channel scales, activations per token) before the paths run. The ``70b`` shape does not fit on one
 GPU in bf16 (141 GB): its fp8 model is built in place (:func:`build_in_place`), layer by layer on the GPU,
 about 70 GB; it runs with ``--quantization fp8`` only.
+
+``--constraint json`` decodes under :data:`JSON_SCHEMA` (nested objects, enums, bounded strings and
+integers, an array of objects) through llguidance, which needs each token's bytes: the ids tokenizer gives
+way to :func:`grammar_tokenizer`, a byte-level vocabulary of the model's size (words, numbers, JSON
+punctuation) built in process. The array's ``minItems`` (1000 objects) keeps every row's grammar incomplete,
+so lengths stay fixed and EOS (allowed only once a grammar accepts) never comes: each row is cut at its
+``max_new_tokens`` as a valid prefix (a row the grammar rejected is counted, and should not exist). Path
+``ours`` overlaps each step's mask work with its forward pass (the GPU's default, ``engine/steps.py``),
+``ours-serial`` does it after the step; both report the host's seconds of mask work and of waiting on the
+GPU (``grammar_mask_s``, ``grammar_wait_s``). ``one-prompt`` and ``generate_batch`` take no constraint.
 """
 
 from __future__ import annotations
@@ -80,6 +91,25 @@ PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
 QUANT_PATHS = ("padded", "ours", "ours-sdpa")  # the paths that take --quantization
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
+CONSTRAINED_PATHS = ("padded", "ours", "ours-sdpa", "ours-serial")  # the paths that take --constraint
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 99999},
+        "kind": {"enum": ["invoice", "receipt", "order", "refund"]},
+        "customer": {"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 24}, "vip": {"type": "boolean"},
+            "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                         "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                        "required": ["city", "zip"], "additionalProperties": False}},
+            "required": ["name", "vip", "address"], "additionalProperties": False},
+        "lines": {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
+            "sku": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 1, "maximum": 999},
+            "unit": {"enum": ["each", "kg", "box"]}, "note": {"type": "string", "maxLength": 40}},
+            "required": ["sku", "qty", "unit", "note"], "additionalProperties": False}},
+    },
+    "required": ["id", "kind", "customer", "lines"], "additionalProperties": False,
+}
 
 
 def build(shape: str, dtype: str = "bfloat16", quantization: str | None = None, checkpoint_dir: str = CHECKPOINT_DIR,
@@ -252,6 +282,38 @@ class IdsTokenizer:
         return " ".join(map(str, ids))
 
 
+def grammar_tokenizer(vocab: int, seed: int = 0):
+    """A fast byte-level BPE tokenizer of ``vocab`` tokens (the last one EOS) for constrained runs, with no
+    merges: it decodes, and llguidance reads its tokens' bytes; the benchmark encodes nothing. Besides the
+    256 bytes: JSON punctuation runs, numbers, and random lowercase words (some capitalised, half with a
+    leading space), about as a real vocabulary of this size mixes them."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    punctuation = ['"', '":', '":"', '","', '",', '"}', '"]', '},', '}]', '],', '{"', '["', '":[', '":{"', '":[{"',
+                   ',"', "}", "{", "[", "]", ":", ",", ".", "'s", "-", "_", "/", "(", ")"]
+    tokens = dict.fromkeys([*sorted(pre_tokenizers.ByteLevel.alphabet()), *punctuation])
+    while len(tokens) < vocab - 1:
+        kind = rng.random()
+        if kind < 0.1:
+            token = str(rng.randrange(1000))
+        elif kind < 0.15:
+            token = rng.choice(punctuation) + "".join(rng.choice(letters) for _ in range(rng.randint(1, 6)))
+        else:
+            token = "".join(rng.choice(letters) for _ in range(rng.randint(1, 10)))
+            token = token.capitalize() if rng.random() < 0.2 else token
+            token = "\u0120" + token if rng.random() < 0.5 else token  # byte-level's space
+        tokens[token] = None
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
 def workload(batch: str, n: int = 512, vocab: int = 150_000):
     import random
 
@@ -271,7 +333,10 @@ def workload(batch: str, n: int = 512, vocab: int = 150_000):
 
 
 def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = "none",
-             checkpoint_dir: str = CHECKPOINT_DIR, slots: int | None = None, profile: bool = False) -> dict:
+             checkpoint_dir: str = CHECKPOINT_DIR, slots: int | None = None, profile: bool = False,
+             constraint: str = "none") -> dict:
+    import dataclasses
+
     import torch
 
     from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
@@ -281,9 +346,16 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
     loaded = build(shape, dtype, quantization, checkpoint_dir)
     dtype = str(loaded.dtype).removeprefix("torch.")
     fast_refuses = unsupported_reason(loaded)
-    requests = workload(batch, vocab=loaded.model.config.get_text_config().vocab_size)
-    params = GenerationParams(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False)
-    note, compile_s, tokens, steps = "", 0.0, 0, None
+    vocab = loaded.model.config.get_text_config().vocab_size
+    requests = workload(batch, vocab=vocab)
+    grammar = {}
+    if constraint == "json":
+        loaded = dataclasses.replace(loaded, tokenizer=grammar_tokenizer(vocab))
+        grammar = dict(json_schema=JSON_SCHEMA)
+    elif constraint != "none":
+        raise ValueError(f"--constraint {constraint}: none or json")
+    params = GenerationParams(max_new_tokens=max(r.max_new_tokens for r in requests), do_sample=False, **grammar)
+    note, compile_s, tokens, steps, out = "", 0.0, 0, None, None
 
     if path == "one-prompt":
         subset = requests[:16]
@@ -336,19 +408,19 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(len(g.generated_tokens) for g in got)
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
-    elif path in ("ours", "ours-sdpa", "ours-noprefix"):
+    elif path in ("ours", "ours-sdpa", "ours-noprefix", "ours-serial"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
         # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
-        # path) instead of the Triton kernel, for comparison
-        # ours-noprefix: without shared-prefix reuse (engine/prefix.py), for comparison
+        # path) instead of the Triton kernel, for comparison; ours-serial: a grammar's mask work after each
+        # step instead of during its forward pass; ours-noprefix: without shared-prefix reuse (engine/prefix.py)
         engine = FastEngine(loaded, params, slots=slots, decode_kernel=path != "ours-sdpa",
-                            prefix_reuse=path != "ours-noprefix")
+                            grammar_overlap=path != "ours-serial", prefix_reuse=path != "ours-noprefix")
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
         compile_s = engine.capture_seconds
         engine.prefix.entries.clear()  # the timed run computes its prefix itself
-        engine.stats()
+        before = engine.stats()
         steps_before, engine.prefill_seconds, engine.prefill_gpu_seconds = engine.steps, 0.0, 0.0
         torch.cuda.synchronize()
         t0 = time.monotonic()
@@ -357,21 +429,33 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         seconds = time.monotonic() - t0
         tokens = sum(c.output_tokens for c in out)
         steps = engine.steps - steps_before
-        stats = engine.stats()
-        prefill_s = stats["prefill_gpu_seconds"]
+        after = engine.stats()
+        prefill_s = after["prefill_gpu_seconds"]
         note = f"{engine._shape[0]} slots x {engine._shape[1]} tokens, prefill {prefill_s:.2f} s on the GPU"
-        if stats["prefixes_computed"]:
-            note += f", {stats['prefix_tokens_saved']} prompt tokens' prefill saved by prefix reuse"
+        if after["prefixes_computed"]:
+            note += f", {after['prefix_tokens_saved']} prompt tokens' prefill saved by prefix reuse"
+        if grammar:
+            grammar_s = {k: round(after[f"grammar_{k}_seconds"] - before[f"grammar_{k}_seconds"], 2)
+                         for k in ("mask", "wait")}
+            note += f"; grammar: {grammar_s['mask']} s host mask work, {grammar_s['wait']} s host waiting on the GPU"
         kernels = top_kernels(engine, requests[:128]) if profile else None
     else:
         raise ValueError(path)
 
     weights = loaded.model.get_memory_footprint()
-    result = dict(path=path, model=shape, quant=quantization, batch=batch, dtype=dtype, tokens=tokens,
+    result = dict(path=path, model=shape, quant=quantization, batch=batch, constraint=constraint, dtype=dtype,
+                  tokens=tokens,
                   seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1), load_s=round(loaded.load_seconds, 1),
                   compile_s=round(compile_s, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                   weights_gib=round(weights / 2**30, 2), note=note, device=torch.cuda.get_device_name(),
                   fast_engine=fast_refuses or "runs")
+    if grammar and out is not None:
+        from airflow_hfllm.engine.grammar import REJECTED
+
+        result["rejected_rows"] = sum(c.error == REJECTED for c in out)  # 0: the masks held
+        result["cut_rows"] = sum(c.finish_reason == "length" for c in out)  # all: fixed lengths
+        if path.startswith("ours"):
+            result.update({f"grammar_{k}_s": v for k, v in grammar_s.items()})
     if steps:
         result["decode_steps"] = steps
         result["weight_gbps"] = round(steps * weights / seconds / 1e9)
@@ -454,11 +538,12 @@ def table(results: list[dict]) -> str:
              "|" + "---|" * 18]
     for r in results:
         base = {b["path"]: b["tok_s"] for b in results if b["model"] == r["model"] and b["batch"] == r["batch"]
-                and b.get("quant", "none") == "none"}
+                and b.get("quant", "none") == "none" and b.get("constraint", "none") == r.get("constraint", "none")}
+        batch = r["batch"] + ("" if r.get("constraint", "none") == "none" else f"+{r['constraint']}")
         ratio = lambda p: f"{r['tok_s'] / base[p]:.1f}x" if base.get(p) else "-"  # noqa: E731
         floor = lambda r: f" ({r['matmul_tflops']}, {r['tflops'] / r['matmul_tflops']:.0%})" \
             if r.get("matmul_tflops") else ""  # noqa: E731
-        lines.append(f"| {r['model']} | {r.get('quant', 'none')} | {r['batch']} | {r['path']} | {r['tok_s']:,.0f} | "
+        lines.append(f"| {r['model']} | {r.get('quant', 'none')} | {batch} | {r['path']} | {r['tok_s']:,.0f} | "
                      f"{ratio('one-prompt')} | {ratio('padded')} | {ratio('generate_batch')} | "
                      f"{r.get('tflops', '-')}{floor(r)} | {share(r, 'prefill_tflops', 'prefill_matmul_tflops')} | "
                      f"{share(r, 'decode_tflops', 'matmul_tflops')} | {r.get('decode_step_ms', '-')} | "
@@ -479,6 +564,9 @@ def main() -> int:
     parser.add_argument("--quantization", default="none",
                         help="comma list of none, 8bit, 4bit, fp8; quantized runs take the padded and ours paths "
                              "only")
+    parser.add_argument("--constraint", default="none",
+                        help="comma list of none, json: json decodes under JSON_SCHEMA (see above); constrained runs "
+                             f"take the {', '.join(CONSTRAINED_PATHS)} paths only")
     parser.add_argument("--checkpoint-dir", default=CHECKPOINT_DIR,
                         help="where quantized runs save the random bf16 checkpoint they load back (~15 GB for 7b)")
     parser.add_argument("--dtype", default="bfloat16")
@@ -490,23 +578,30 @@ def main() -> int:
     parser.add_argument("--one", nargs=3, metavar=("PATH", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir, args.slots, args.profile)
+        result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir, args.slots, args.profile,
+                          args.constraint)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results, notes = [], []
     refused = {}  # (model, quant, batch) -> why the fast engine refused that model, as a run found out
-    runs = [(shape, batch, quant, path) for shape in args.models.split(",") for batch in args.batches.split(",")
-            for quant in args.quantization.split(",") for path in args.paths.split(",")]
-    for shape, batch, quant, path in runs:
-        name = f"{path} {shape} {quant} {batch}"
+    runs = [(shape, batch, quant, constraint, path) for shape in args.models.split(",")
+            for batch in args.batches.split(",") for quant in args.quantization.split(",")
+            for constraint in args.constraint.split(",") for path in args.paths.split(",")]
+    for shape, batch, quant, constraint, path in runs:
+        name = f"{path} {shape} {quant} {batch}" + ("" if constraint == "none" else f" {constraint}")
         if path == "one-prompt" and batch != "standard":
             continue
         if quant != "none" and path not in QUANT_PATHS:
             notes.append(f"{name}: not run (quantized runs take {', '.join(QUANT_PATHS)})")
             continue
+        if constraint != "none" and path not in CONSTRAINED_PATHS:
+            notes.append(f"{name}: not run (constrained runs take {', '.join(CONSTRAINED_PATHS)})")
+            continue
+        if constraint == "none" and path == "ours-serial":
+            continue  # the same as ours without a grammar
         # Skip a 7b load that only ends in the refusal an earlier run of the same model already saw.
         result = dict(skipped=refused[shape, quant, batch]) if path == "ours" and (shape, quant, batch) in refused \
-            else _run_one(args, path, shape, batch, quant)
+            else _run_one(args, path, shape, batch, quant, constraint)
         if result is None:
             continue
         if "skipped" in result:
@@ -530,10 +625,10 @@ def main() -> int:
     return 0
 
 
-def _run_one(args, path: str, shape: str, batch: str, quant: str) -> dict | None:
+def _run_one(args, path: str, shape: str, batch: str, quant: str, constraint: str = "none") -> dict | None:
     """One path in its own process; ``None`` (and a line saying why) when it gave no result."""
     cmd = [sys.executable, __file__, "--dtype", args.dtype, "--quantization", quant, "--checkpoint-dir",
-           args.checkpoint_dir, *(["--slots", str(args.slots)] if args.slots else []),
+           args.checkpoint_dir, "--constraint", constraint, *(["--slots", str(args.slots)] if args.slots else []),
            *(["--profile"] if args.profile else []), "--one", path, shape, batch]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),

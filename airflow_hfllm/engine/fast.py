@@ -7,7 +7,7 @@ fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps
 captured once into a CUDA graph and replayed: one launch instead of thousands of kernels. Sampling is on
 the device with a counter-based hash as its random source: row r's token at step t depends on (seed, row
 id, t) only, not on its batch, and no host sync is needed per step. The host syncs once per replay
-to harvest finished rows and admit new ones (under a grammar, a replay is one step: ``engine/grammar.py``).
+to harvest finished rows and admit new ones (under a grammar, one step in two graphs: ``engine/steps.py``).
 Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
 pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
@@ -38,6 +38,7 @@ from airflow_hfllm.engine.arch.longrope import recompute
 from airflow_hfllm.engine.grammar import constraint, judged
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
+from airflow_hfllm.engine.steps import Captured, grammar_step
 from airflow_hfllm.engine.loading import LoadedModel
 from airflow_hfllm.config import GenerationParams
 
@@ -57,13 +58,15 @@ class FastEngine:
     :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
         (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
     :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows, not LongRoPE).
+    :param grammar_overlap: under a grammar, compute each step's masks while the GPU runs its forward pass
+        (``engine/steps.py``; default: on CUDA); ``False``: after the step, as on the CPU.
     """
 
     vision = False
 
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
-                 decode_kernel: bool | None = None, prefix_reuse: bool = True,
+                 decode_kernel: bool | None = None, prefix_reuse: bool = True, grammar_overlap: bool | None = None,
                  should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
@@ -86,6 +89,8 @@ class FastEngine:
         # every call, which a CUDA graph cannot hold: its steps run eagerly
         self.cuda_graphs = (self.device.type == "cuda" and not getattr(self.model, "is_loaded_in_8bit", False)
                             ) if cuda_graphs is None else cuda_graphs
+        if self.constraint:
+            self.constraint.overlap = self.device.type == "cuda" if grammar_overlap is None else grammar_overlap
         self.should_stop, self.on_batch = should_stop or (lambda: False), on_batch or (lambda rows, tokens: None)
         self.capture_seconds = self.prefill_seconds = 0.0  # host seconds
         self.prefill_gpu_seconds = 0.0  # GPU time between each prefill's start and end events
@@ -166,9 +171,16 @@ class FastEngine:
     def _steps(self, count: int) -> None:
         """``count`` decode steps, in place on the state tensors (this is what the CUDA graph holds)."""
         for _ in range(count):
-            logits = self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
-                                         self.arange_slots, self.arange_len)
-            self.advance(logits, self.decoder.stepping(self.done, self.pos + self.rope_offset))
+            self._sampled(self._forward())
+
+    def _forward(self, _=None):
+        """A decode step's forward pass: each slot's next-token logits [slots, V]."""
+        return self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
+                                   self.arange_slots, self.arange_len)
+
+    def _sampled(self, logits) -> None:
+        """A decode step's draw from ``logits`` (under the grammar's masks) and its bookkeeping, in place."""
+        self.advance(logits, self.decoder.stepping(self.done, self.pos + self.rope_offset))
 
     def advance(self, logits, live) -> None:
         """One step of the ``live`` rows [slots] from their ``logits`` [slots, V]: sampled, recorded, moved on."""
@@ -193,35 +205,14 @@ class FastEngine:
         import torch
 
         self.steps += self.steps_per_sync
+        if self.constraint:  # one step, with its grammar's host work (engine/steps.py)
+            return grammar_step(self)
         if not self.cuda_graphs:
             with torch.inference_mode():
                 self._steps(self.steps_per_sync)
             return
-        if self._graph is None:
-            started = time.monotonic()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            # the warm-up step is a real one: undo it (the penalties' tensors too, or it would count twice)
-            state = [t for t in (self.tokens, self.pos, self.n_gen, self.done, self.out, self.presence, self.counts)
-                     if t is not None]
-            saved = [t.clone() for t in state]
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), torch.inference_mode():
-                self._steps(1)  # warm-up: lazy inits and autotuning outside the graph
-                # no device sync first (torch.cuda.graph's): the host captures while the GPU runs the prefills
-                graph.capture_begin()
-                try:
-                    self._steps(self.steps_per_sync)
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            for t, s in zip(state, saved):
-                t.copy_(s)
-            self._graph = graph
-            self.capture_seconds += time.monotonic() - started
-            log.info("fast engine: captured %d decode steps as a CUDA graph in %.1f s", self.steps_per_sync,
-                     time.monotonic() - started)
-        self._graph.replay()
+        self._graph = self._graph or Captured(self, lambda: self._steps(1), lambda _: self._steps(self.steps_per_sync))
+        self._graph(0)
 
     # -- scheduling ----------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], seed: int | None = None, keys: Sequence | None = None
@@ -276,8 +267,6 @@ class FastEngine:
                     out_of_memory(self, "decode", self._shape, sched)
                     sched.refill()
                     continue
-                if self.constraint:
-                    self.constraint.decoded(self.tokens, self.done)
                 yield from self._harvest(sched)
                 sched.refill()
 
@@ -311,7 +300,8 @@ class FastEngine:
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
                 "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3), "decode_steps": self.steps,
                 "slots": self._shape[0] if self._shape else None,
-                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors, **self.prefix.stats()}
+                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors, **self.prefix.stats(),
+                **(self.constraint.stats() if self.constraint else {})}
 
     def _padded_ids(self, group: list[Request], skip: int = 0):
         """The group's prompt ids [n, W] after the first ``skip``, right-padded, on the device."""
@@ -367,7 +357,7 @@ class FastEngine:
                 presence = presence[slot_idx]
             logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack,
                                           prefix.kv if prefix else None)
-        mask = self.constraint.start(slot_list, slot_idx) if self.constraint else None
+        mask = self.constraint.start(slot_list, dev) if self.constraint else None
         first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence, mask)
         if self.logprobs is not None:
             self.logprobs.record(logits, first, slot_idx, torch.zeros_like(slot_idx))
@@ -385,7 +375,7 @@ class FastEngine:
         self.out[slot_idx, 0] = first
         self.done[slot_idx] = torch.isin(first, self.eos_tensor) | (max_new <= 1)
         if self.constraint:
-            self.constraint.admitted(slot_list, first, self.done)
+            self.constraint.admitted(slot_list, self.tokens, self.done, self.n_gen)
         if dev.type == "cuda":
             self._prefill_events[-1][1].record()
         # No sync: the host prepares the next group while the GPU runs this one (seconds are host-side).

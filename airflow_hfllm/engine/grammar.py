@@ -6,7 +6,9 @@ computes a row's allowed next tokens as a bitmask of ``ceil(vocab / 32)`` int32 
 parameters (it is also the up-front check, with no model loaded); :class:`Constraint` binds it to a
 tokenizer and gives one matcher per row. The engines mask each step's logits with :func:`apply_mask`
 before sampling, advance the matchers with the sampled tokens on the host, and end a row as soon as its
-grammar is complete (without waiting for EOS, which is allowed only once the grammar accepts).
+grammar is complete (without waiting for EOS, which is allowed only once the grammar accepts). On the fast
+engine the host's share of a step is :meth:`Constraint.read` and :meth:`Constraint.catch_up`, which
+``engine/steps.py`` runs during the step's forward pass on a GPU.
 
 A row cut by ``max_new_tokens`` before its grammar completed keeps its text but gets ``finish_reason``
 ``"length"`` and an error (:meth:`Constraint.judge`): it is never written as valid.
@@ -15,6 +17,7 @@ A row cut by ``max_new_tokens`` before its grammar completed keeps its text but 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from typing import Sequence
 
@@ -102,7 +105,12 @@ def constraint(params, tokenizer, model, eos: list[int]) -> "Constraint | None":
 
 class Constraint:
     """A compiled grammar bound to a tokenizer; matchers for a batch's rows (or a fast engine's slots) and
-    their next-token bitmask ``mask`` [rows, words] (host, int32), filled by :meth:`fill`."""
+    their next-token bitmask ``mask`` [rows, words] (host, int32), filled by :meth:`fill`.
+
+    ``overlap``: the fast engine computes a step's masks while the GPU runs its forward pass (two graphs a
+    step, ``engine/steps.py``; the engine's default on CUDA); ``False``: in series, after it."""
+
+    overlap = False
 
     def __init__(self, grammar: str, tokenizer, vocab: int, eos: list[int]):
         import llguidance.hf
@@ -114,50 +122,86 @@ class Constraint:
         self.words = (self.tokenizer.vocab_size + 31) // 32
         self.matchers: list = []
         self.mask = self.device_mask = None
+        self.mask_seconds = self.wait_seconds = 0.0  # the fast engine's host time (engine/steps.py)
 
     def allocate(self, slots: int, device):
         """The fast engine's masks: ``mask`` on the host (pinned on CUDA, for an asynchronous copy) and the
         device buffer [slots, words] returned, which its decode step reads (a CUDA graph holds it)."""
         import torch
 
-        host = torch.full((slots, self.words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        cuda = device.type == "cuda"
+        host = torch.full((slots, self.words), -1, dtype=torch.int32, pin_memory=cuda)
         self.matchers, self.mask, self.active = [None] * slots, host.numpy(), set()
         self.host, self.device_mask = host, torch.full_like(host, -1, device=device)
+        # each slot's last token, done flag and tokens generated, read without a sync (engine/steps.py); a
+        # matcher consumes a slot's token only when its count moved (a LongRoPE row can sit out a step)
+        self.last = torch.zeros((3, slots), dtype=torch.long, pin_memory=cuda)
+        self.consumed = [0] * slots
+        self.event = torch.cuda.Event() if cuda else None
         return self.device_mask
 
-    def admitted(self, slots: Sequence[int], first, done) -> None:
-        """Fast engine, after a prefill sampled ``first`` [n] (a device tensor) for ``slots`` under the masks
-        :meth:`start` filled: the matchers advanced, the rows whose grammar is complete ended in ``done``."""
-        slots = list(slots)
-        self._advance(slots, first.tolist(), done[slots].tolist(), done)
+    def admitted(self, slots: Sequence[int], tokens, done, counts) -> None:
+        """Fast engine, after a prefill drew the first tokens of ``slots`` (in ``tokens`` [slots]) under the
+        masks :meth:`start` filled. Overlapped, the matchers consume them in the next step's :meth:`catch_up`
+        with the others' tokens; in series, now (a host sync)."""
+        self.active.update(slots)
+        if not self.overlap:
+            self.read(tokens, done, counts)
+            self.catch_up(done, slots)
 
-    def decoded(self, tokens, done) -> None:
-        """Fast engine, after one decode step wrote each live slot's token into ``tokens`` [slots]: the
-        matchers advanced, complete rows ended in ``done``, the next masks filled and copied to the device.
-
-        This is the host's share of a step and it needs the step's tokens: on a GPU, what can overlap is
-        the next step's forward pass (which needs the tokens, not the masks) with this, the masks being
-        applied only by the sampling after it; here the step runs whole, then this."""
+    def read(self, tokens, done, counts) -> None:
+        """Fast engine: each slot's last token (``tokens`` [slots]), ``done`` and tokens generated (``counts``)
+        copied to the host, on CUDA asynchronously (what is launched after this does not delay it)."""
         import torch
 
-        slots = sorted(self.active)
-        rows = torch.stack([tokens[slots], done[slots].long()], 1).tolist() if slots else []  # one host sync
-        self._advance(slots, [t for t, _ in rows], [d for _, d in rows], done)
+        self.last.copy_(torch.stack([tokens, done.long(), counts]), non_blocking=True)
+        if self.event is not None:
+            self.event.record()
 
-    def _advance(self, slots: list[int], tokens: list[int], stopped: list, done) -> None:
-        """``stopped``: the slots' ``done`` as the device left it (EOS, max_new_tokens)."""
-        ended = [s for s, e in zip(slots, self.advance(slots, tokens)) if e]
-        if ended:
-            done[ended] = True
-        self.active.update(slots)
-        self.active.difference_update([*ended, *(s for s, d in zip(slots, stopped) if d)])
+    def catch_up(self, done, slots: Sequence[int] | None = None) -> None:
+        """Fast engine, once :meth:`read` has landed: the matchers of ``slots`` (default: the active ones)
+        advanced with their tokens, the rows whose grammar is complete ended in ``done``, the next masks filled
+        and copied to the device; nothing here waits for the GPU but the read, and nothing is written to the
+        device synchronously."""
+        import torch
+
+        started = time.monotonic()
+        if self.event is not None:
+            self.event.synchronize()
+        self.wait_seconds += time.monotonic() - started
+        started = time.monotonic()
+        tokens, stopped, counts = self.last.tolist()
+        slots = [s for s in sorted(self.active if slots is None else slots) if counts[s] > self.consumed[s]]
+        for s in slots:
+            self.consumed[s] = counts[s]
+        ended = [s for s, e in zip(slots, self.advance(slots, [tokens[s] for s in slots])) if e]
+        if ended:  # from pinned memory: a plain index would copy from pageable memory, with a sync
+            cuda = done.device.type == "cuda"
+            done.index_fill_(0, torch.tensor(ended, pin_memory=cuda).to(done.device, non_blocking=cuda), True)
+        self.active.difference_update([*ended, *(s for s in slots if stopped[s])])
         self.fill(sorted(self.active))
         self.device_mask.copy_(self.host, non_blocking=True)
+        self.mask_seconds += time.monotonic() - started
+
+    def wait(self) -> None:
+        """Fast engine, after a step's last launch: the host waits for the GPU (counted in ``wait_seconds``)."""
+        if self.event is not None:
+            started = time.monotonic()
+            self.event.record()
+            self.event.synchronize()
+            self.wait_seconds += time.monotonic() - started
+
+    def stats(self) -> dict:
+        """The fast engine's host seconds of mask work (matchers, masks, copies) and of waiting on the GPU."""
+        return {"grammar_mask_seconds": round(self.mask_seconds, 3),
+                "grammar_wait_seconds": round(self.wait_seconds, 3)}
 
     def matcher(self):
+        """A fresh matcher: a copy of one built once (building one compiles the grammar, milliseconds a row)."""
         from llguidance import LLMatcher
 
-        return LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        self._fresh = getattr(self, "_fresh", None) or LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        return self._fresh.deep_copy()
 
     def reset(self, rows: int) -> None:
         """``rows`` rows, none started."""
@@ -167,20 +211,26 @@ class Constraint:
         self.mask = np.full((rows, self.words), -1, dtype=np.int32)
         self.device_mask = None
 
-    def start(self, rows: Sequence[int], device_rows=None):
+    def start(self, rows: Sequence[int], device=None):
         """Fresh matchers for ``rows``, their masks filled for their first token; on the fast engine (given
-        ``device_rows``, the rows as a device tensor) copied to the device, and those rows' masks returned."""
+        the ``device``) those rows' masks returned there, copied from their own pinned memory on CUDA (the
+        shared buffer may be rewritten before the copy runs)."""
+        import torch
+
+        started = time.monotonic()
         for r in rows:
             self.matchers[r] = self.matcher()
+            if hasattr(self, "consumed"):  # the fast engine's slots
+                self.consumed[r] = 0
         self.fill(rows)
-        if device_rows is not None:
-            self.device_mask.copy_(self.host, non_blocking=True)
-            return self.device_mask[device_rows]
+        self.mask_seconds += time.monotonic() - started
+        if device is not None:
+            masks = torch.from_numpy(self.mask[list(rows)])
+            return masks.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else masks
 
     def fill(self, rows: Sequence[int]) -> None:
         """The allowed next tokens of ``rows`` into ``mask``; a row whose matcher failed may take any token
         (its output is judged afterwards, and a row of all -inf logits would sample garbage anyway)."""
-        import llguidance
         import llguidance.numpy as lnp
 
         live = []
@@ -191,18 +241,23 @@ class Constraint:
             else:
                 live.append((m, r))
         if live:  # on the executor's threads (most of a step's host work with hundreds of slots)
-            self.executor = getattr(self, "executor", None) or llguidance.LLExecutor()
-            lnp.fill_next_token_bitmask_par(self.executor, live, self.mask)
+            lnp.fill_next_token_bitmask_par(self.executor(), live, self.mask)
 
     def advance(self, rows: Sequence[int], tokens: Sequence[int]) -> list[bool]:
-        """Each row's sampled token consumed; whether its grammar is now complete (or failed: the row ends)."""
-        ended = []
-        for r, t in zip(rows, tokens):
-            m = self.matchers[r]
-            if not (m.is_stopped() or m.is_error()):
-                m.consume_token(t)
-            ended.append(m.is_stopped() or m.is_error())
-        return ended
+        """Each row's sampled token consumed (on the executor's threads); whether its grammar is now complete
+        (or failed: the row ends)."""
+        matchers = [self.matchers[r] for r in rows]
+        live = [(m, t) for m, t in zip(matchers, tokens) if not (m.is_stopped() or m.is_error())]
+        if live:
+            self.executor().consume_token_par(live)
+        return [m.is_stopped() or m.is_error() for m in matchers]
+
+    def executor(self):
+        """llguidance's thread pool (its threads run without the GIL)."""
+        import llguidance
+
+        self._executor = getattr(self, "_executor", None) or llguidance.LLExecutor()
+        return self._executor
 
     def judge(self, done: Completion, ids: Sequence[int]) -> Completion:
         """``done`` with its finish reason and error from its output tokens ``ids`` (without EOS), replayed

@@ -151,3 +151,32 @@ def test_a_masked_token_is_never_drawn_even_when_the_noise_is_infinite(monkeypat
     logits = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0]])
     drawn = sampler(logits, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert drawn.item() in (1, 3)
+
+
+@pytest.mark.parametrize("kwargs, new", [
+    (dict(json_schema=SCHEMA), lambda i: 8 if i % 5 == 0 else 200),  # some rows cut, the rest complete
+    (dict(choices="yes,no,yes please,maybe later"), lambda i: 16),
+    (dict(regex=r"(cat|dog)-[0-9]{2,4}( [a-z]{1,8}){1,3}", do_sample=False), lambda i: 48),
+])
+def test_fast_engine_overlapped_grammar_steps_draw_what_serial_steps_draw(loaded, kwargs, new):
+    # overlapped (a GPU's default): each step's forward pass is launched before the host advances the
+    # matchers and fills the masks, and the draw after; on the CPU the same order runs eagerly
+    reqs = chat_requests(loaded.tokenizer, 30, new)
+    params = GenerationParams(max_new_tokens=200, **kwargs)
+    serial = FastEngine(loaded, params, slots=7)
+    assert serial.constraint.overlap is False  # the CPU's default: as before the overlap
+    overlapped = FastEngine(loaded, params, slots=7, grammar_overlap=True)
+    order = []
+    for name in ("_forward", "_sampled"):
+        method = getattr(overlapped, name)
+        setattr(overlapped, name, lambda *a, method=method, name=name: (order.append(name), method(*a))[1])
+    catch_up = overlapped.constraint.catch_up
+    overlapped.constraint.catch_up = lambda *a: (order.append("masks"), catch_up(*a))[1]
+    a, b = serial.generate(reqs, seed=4), overlapped.generate(reqs, seed=4)
+    assert [(c.text, c.output_tokens, c.finish_reason, c.error) for c in b] == \
+        [(c.text, c.output_tokens, c.finish_reason, c.error) for c in a]
+    assert order[:6] == ["_forward", "masks", "_sampled"] * 2  # the masks between a step's forward and its draw
+    assert order.count("_forward") == order.count("masks") == overlapped.stats()["decode_steps"]
+    # a row completed by its grammar is found so during the next step's forward pass: at most one more step each
+    assert serial.stats()["decode_steps"] <= overlapped.stats()["decode_steps"] <= serial.stats()["decode_steps"] + 30
+    assert overlapped.stats()["grammar_mask_seconds"] > 0 and serial.stats()["grammar_mask_seconds"] > 0

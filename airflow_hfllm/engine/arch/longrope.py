@@ -84,4 +84,4 @@ def recompute(engine, sched) -> None:
         live[slot_idx] = True
         engine.advance(logits, live)
         if engine.constraint:
-            engine.constraint.admitted(slots, engine.tokens[slot_idx], engine.done)
+            engine.constraint.admitted(slots, engine.tokens, engine.done, engine.n_gen)
