@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --models 0.5b,7b --batches standard,mixed
     python benchmarks/throughput.py --models 7b --batches standard --paths padded,ours --quantization none,8bit,4bit
     python benchmarks/throughput.py --models 70b --batches standard --paths ours --quantization fp8
+    python benchmarks/throughput.py --models 7b --batches standard,mixed --paths ours,ours-compiled
 
 Random-weight Qwen2 models of real shape are built in-process (no hub). The standard batch is 512
 seeded random-token prompts of 50-300 tokens with 128 new tokens each (EOS never ends a row: greedy on
@@ -10,7 +11,10 @@ random weights, fixed length); the mixed batch is the same prompts with per-row 
 in 16-512. tok/s is end to end over the batch (token ids in, token ids out, prefill included) after a
 warm-up; compile/capture time is reported in its own column. Each path runs in its own process so one
 path's memory does not skew another's. The one-prompt-per-call loop runs on a subset and is
-extrapolated (labelled so).
+extrapolated (labelled so). ``ours-compiled`` is ``ours`` with ``compile=True`` (``engine/compiled.py``: the
+layers' elementwise work fused by torch.compile around attention): its warm-up compiles too (a one-row
+prefill group included), its compile seconds are torch.compile's plus the capture's, and its note says if
+anything compiled during the timed run.
 
 ``--quantization 8bit,4bit`` runs the padded path (and ``ours``, which refuses quantized weights and is
 then skipped with a note) on bitsandbytes models. bitsandbytes quantizes while loading, so the random
@@ -75,7 +79,7 @@ SHAPES = {  # name -> (model_type, config): real shapes, random weights
 IN_PLACE = ("70b",)  # too big for one GPU in bf16: fp8 only, built layer by layer
 PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
-QUANT_PATHS = ("padded", "ours", "ours-sdpa")  # the paths that take --quantization
+QUANT_PATHS = ("padded", "ours", "ours-sdpa", "ours-compiled")  # the paths that take --quantization
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 
 
@@ -330,15 +334,18 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(len(g.generated_tokens) for g in got)
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
-    elif path in ("ours", "ours-sdpa"):
+    elif path in ("ours", "ours-sdpa", "ours-compiled"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
         # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
-        # path) instead of the Triton kernel, for comparison
-        engine = FastEngine(loaded, params, slots=slots, decode_kernel=path == "ours")
+        # path) instead of the Triton kernel, for comparison; ours-compiled: with torch.compile around attention
+        engine = FastEngine(loaded, params, slots=slots, decode_kernel=path != "ours-sdpa",
+                            compile=path == "ours-compiled")
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
-        engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
-        compile_s = engine.capture_seconds
+        engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph, compiles
+        engine.generate(requests[64:65])  # a prefill group of one row: its own compiled shape class
+        compiled_s = engine.decoder.compiler.seconds
+        compile_s = engine.capture_seconds + compiled_s
         engine.stats()
         steps_before, engine.prefill_seconds, engine.prefill_gpu_seconds = engine.steps, 0.0, 0.0
         torch.cuda.synchronize()
@@ -350,6 +357,11 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         steps = engine.steps - steps_before
         prefill_s = engine.stats()["prefill_gpu_seconds"]
         note = f"{engine._shape[0]} slots x {engine._shape[1]} tokens, prefill {prefill_s:.2f} s on the GPU"
+        if path == "ours-compiled":
+            late = engine.decoder.compiler.seconds - compiled_s  # a shape class the warm-up missed
+            note += (f", torch.compile {compiled_s:.1f} s + capture {engine.capture_seconds:.1f} s"
+                     + (f", {late:.1f} s more compiling in the timed run" if late else "")
+                     + ("" if engine.decoder.compiler.enabled else ", COMPILE FAILED: ran eager"))
         kernels = top_kernels(engine, requests[:128]) if profile else None
     else:
         raise ValueError(path)

@@ -11,10 +11,10 @@ to harvest finished rows and admit new ones (under a grammar, a replay is one st
 Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
 pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
-CUDA out of memory (KV cache, prefill, graph capture) does not end the job: the rows in slots go back to
-the window (to restart from their prompt with the same samples), the state is rebuilt with half the slots
-(after a prefill, half the prefill group), counted in :meth:`FastEngine.stats`. A row that does not fit
-in one slot ends in ``error``; a KV cache of one slot that does not fit is an error naming its memory.
+CUDA out of memory (KV cache, prefill, graph capture) does not end the job: the rows in slots go back to the
+window (to restart from their prompt with the same samples), the state is rebuilt with half the slots (after
+a prefill, half the prefill group), counted in :meth:`FastEngine.stats`. A row that does not fit in one slot
+ends in ``error``; a KV cache of one slot that does not fit is an error naming its memory.
 
 The same code runs eagerly on the CPU (how CI tests it). Supported: ``engine/arch``'s families, unquantized,
 FP8, bitsandbytes 8-bit (no CUDA graphs) or 4-bit, adapters merged; anything else takes ``engine/generate.py``.
@@ -53,6 +53,7 @@ class FastEngine:
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
     :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
         (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
+    :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``; default: off for now).
     """
 
     vision = False
@@ -60,7 +61,7 @@ class FastEngine:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  decode_kernel: bool | None = None, should_stop: Callable[[], bool] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, compile: bool | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
@@ -72,7 +73,7 @@ class FastEngine:
         self.model = loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
-        self.decoder = Decoder(self.model, kernel=decode_kernel)
+        self.decoder = Decoder(self.model, kernel=decode_kernel, compile=compile)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.eos = eos_ids(loaded)
@@ -92,8 +93,7 @@ class FastEngine:
         self.oom_splits = 0  # times the slots were halved after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory alone in one slot (they end in error)
         self.per_row_seeds = True
-        self._shape = None  # (slots, max_len) of the allocated state
-        self._graph = None
+        self._shape = self._graph = None  # (slots, max_len) of the allocated state; the captured decode steps
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self.sample = Sampler(params, self.vocab, self.eos, self.device)
         self._counted = bool(params.presence_penalty or params.frequency_penalty)
@@ -194,7 +194,7 @@ class FastEngine:
                 self._steps(self.steps_per_sync)
             return
         if self._graph is None:
-            started = time.monotonic()
+            started, compiled = time.monotonic(), self.decoder.compiler.seconds  # the warm-up step compiles
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             # the warm-up step is a real one: undo it (the penalties' tensors too, or it would count twice)
@@ -210,7 +210,7 @@ class FastEngine:
             for t, s in zip(state, saved):
                 t.copy_(s)
             self._graph = graph
-            self.capture_seconds += time.monotonic() - started
+            self.capture_seconds += time.monotonic() - started - (self.decoder.compiler.seconds - compiled)
             log.info("fast engine: captured %d decode steps as a CUDA graph in %.1f s", self.steps_per_sync,
                      time.monotonic() - started)
         self._graph.replay()
@@ -330,8 +330,8 @@ class FastEngine:
         self._add_prefill_events(sync=True)
         return {"prefill_seconds": round(self.prefill_seconds, 3), "capture_seconds": round(self.capture_seconds, 3),
                 "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3), "decode_steps": self.steps,
-                "slots": self._shape[0] if self._shape else None,
-                "oom_splits": self.oom_splits, "oom_errors": self.oom_errors}
+                "slots": self._shape[0] if self._shape else None, "oom_splits": self.oom_splits,
+                "oom_errors": self.oom_errors, "compile_seconds": round(self.decoder.compiler.seconds, 3)}
 
     def _padded_ids(self, group: list[Request]):
         """The group's prompt ids [n, W], right-padded, on the device."""
