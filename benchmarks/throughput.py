@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --models 70b --batches standard --paths ours --quantization fp8
     python benchmarks/throughput.py --models 7b --batches prefix --paths ours,ours-noprefix
     python benchmarks/throughput.py --models 7b --batches standard --paths ours,ours-serial --constraint none,json
+    python benchmarks/throughput.py --models 7b --batches standard,mixed --paths ours,ours-compiled
 
 Random-weight Qwen2 models of real shape are built in-process (no hub). The standard batch is 512
 seeded random-token prompts of 50-300 tokens with 128 new tokens each (EOS never ends a row: greedy on
@@ -14,7 +15,10 @@ their own, 64 new tokens each, for ``ours`` (shared-prefix reuse, ``engine/prefi
 ``ours-noprefix``. tok/s is end to end over the batch (token ids in, token ids out, prefill included) after a
 warm-up; compile/capture time is reported in its own column. Each path runs in its own process so one
 path's memory does not skew another's. The one-prompt-per-call loop runs on a subset and is
-extrapolated (labelled so).
+extrapolated (labelled so). ``ours-compiled`` is ``ours`` with ``compile=True`` (``engine/compiled.py``: the
+layers' elementwise work fused by torch.compile around attention): its warm-up compiles too (a one-row
+prefill group included), its compile seconds are torch.compile's plus the capture's, and its note says if
+anything compiled during the timed run.
 
 ``--quantization 8bit,4bit`` runs the padded path (and ``ours``, which refuses quantized weights and is
 then skipped with a note) on bitsandbytes models. bitsandbytes quantizes while loading, so the random
@@ -89,7 +93,7 @@ SHAPES = {  # name -> (model_type, config): real shapes, random weights
 IN_PLACE = ("70b",)  # too big for one GPU in bf16: fp8 only, built layer by layer
 PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
-QUANT_PATHS = ("padded", "ours", "ours-sdpa")  # the paths that take --quantization
+QUANT_PATHS = ("padded", "ours", "ours-sdpa", "ours-compiled")  # the paths that take --quantization
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 CONSTRAINED_PATHS = ("padded", "ours", "ours-sdpa", "ours-serial")  # the paths that take --constraint
 JSON_SCHEMA = {
@@ -408,17 +412,21 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(len(g.generated_tokens) for g in got)
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
-    elif path in ("ours", "ours-sdpa", "ours-noprefix", "ours-serial"):
+    elif path in ("ours", "ours-sdpa", "ours-noprefix", "ours-serial", "ours-compiled"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
         # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
         # path) instead of the Triton kernel, for comparison; ours-serial: a grammar's mask work after each
-        # step instead of during its forward pass; ours-noprefix: without shared-prefix reuse (engine/prefix.py)
+        # step instead of during its forward pass; ours-noprefix: without shared-prefix reuse (engine/prefix.py);
+        # ours-compiled: with torch.compile around attention
         engine = FastEngine(loaded, params, slots=slots, decode_kernel=path != "ours-sdpa",
-                            grammar_overlap=path != "ours-serial", prefix_reuse=path != "ours-noprefix")
+                            grammar_overlap=path != "ours-serial", prefix_reuse=path != "ours-noprefix",
+                            compile=path == "ours-compiled")
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
-        engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph
-        compile_s = engine.capture_seconds
+        engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph, compiles
+        engine.generate(requests[64:65])  # a prefill group of one row: its own compiled shape class
+        compiled_s = engine.decoder.compiler.seconds
+        compile_s = engine.capture_seconds + compiled_s
         engine.prefix.entries.clear()  # the timed run computes its prefix itself
         before = engine.stats()
         steps_before, engine.prefill_seconds, engine.prefill_gpu_seconds = engine.steps, 0.0, 0.0
@@ -438,6 +446,11 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
             grammar_s = {k: round(after[f"grammar_{k}_seconds"] - before[f"grammar_{k}_seconds"], 2)
                          for k in ("mask", "wait")}
             note += f"; grammar: {grammar_s['mask']} s host mask work, {grammar_s['wait']} s host waiting on the GPU"
+        if path == "ours-compiled":
+            late = engine.decoder.compiler.seconds - compiled_s  # a shape class the warm-up missed
+            note += (f", torch.compile {compiled_s:.1f} s + capture {engine.capture_seconds:.1f} s"
+                     + (f", {late:.1f} s more compiling in the timed run" if late else "")
+                     + ("" if engine.decoder.compiler.enabled else ", COMPILE FAILED: ran eager"))
         kernels = top_kernels(engine, requests[:128]) if profile else None
     else:
         raise ValueError(path)

@@ -9,6 +9,7 @@ from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
 from airflow_hfllm.engine.arch.fuse import fuse_projections
 from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
 from airflow_hfllm.engine.arch.longrope import LongRope
+from airflow_hfllm.engine.compiled import Compiler, compile_by_default, layer_pieces
 from airflow_hfllm.engine.loading import LoadedModel, quant_method
 
 
@@ -71,9 +72,13 @@ class Decoder:
 
     :param kernel: decode attention through the Triton kernel (default: where it runs, see
         :func:`decode_kernel`); ``False`` uses SDPA over the masked cache, as on the CPU.
+    :param compile: ``torch.compile`` each layer's work before and after attention, the rope tables and the
+        final norm + ``lm_head`` (:mod:`airflow_hfllm.engine.compiled`); attention and the KV write stay
+        eager. Default: :func:`~airflow_hfllm.engine.compiled.compile_by_default`. ``True`` compiles on any
+        device (the CPU through inductor's C++ backend: how CI tests it).
     """
 
-    def __init__(self, model, kernel: bool | None = None):
+    def __init__(self, model, kernel: bool | None = None, compile: bool | None = None):
         cfg = text_config(model.config)
         self.model, self.base = model, text_model(model)
         self.layers = list(self.base.layers)
@@ -105,6 +110,11 @@ class Decoder:
             import torch
 
             model.set_experts_implementation("batched_mm" if weight.dtype == torch.float32 else "grouped_mm")
+        self.compiler = Compiler(f"fast engine ({type(model).__name__})",
+                                 compile_by_default(weight.device) if compile is None else compile)
+        self.pieces = layer_pieces(self.compiler, self.layers, (self.heads, self.kv_heads, self.head_dim)) \
+            if self.compiler.enabled else None
+        self.tables, self.logits = self.compiler(self._tables), self.compiler(self._logits)
 
     def rope(self, x, positions, layer_type: str | None = None, lengths=None):
         """cos, sin [n, T, rotary_dim] for ``positions`` [n, T] (or [3, n, T] for multimodal rope); ``lengths``
@@ -131,15 +141,21 @@ class Decoder:
         rows about to pass the original context (:func:`~airflow_hfllm.engine.arch.longrope.recompute`)."""
         return ~done & ~self.longrope.waits(positions) if self.longrope else ~done
 
+    def _tables(self, x, positions, lengths=None):
+        """(cos, sin) of :meth:`rope` for each layer type (Gemma 3), or the one pair, in one call."""
+        return [self.rope(x, positions, t, lengths) for t in dict.fromkeys(self.layer_types or [None])]
+
     def _layers(self, x, positions, write, attend, deepstack=None, lengths=None):
+        tables = self.tables(x, positions, lengths)
         if self.layer_types is None:
-            tables = [self.rope(x, positions, lengths=lengths)] * len(self.layers)
+            tables = tables * len(self.layers)
         else:
-            by_type = {t: self.rope(x, positions, t) for t in set(self.layer_types)}
+            by_type = dict(zip(dict.fromkeys(self.layer_types), tables))
             tables = [by_type[t] for t in self.layer_types]
         mask, features = deepstack or (None, ())
         for l, (layer, (cos, sin)) in enumerate(zip(self.layers, tables)):
-            x = decoder_layer(layer, x, cos, sin, write, attend, (self.heads, self.kv_heads, self.head_dim))
+            x = decoder_layer(layer, x, cos, sin, write, attend, (self.heads, self.kv_heads, self.head_dim),
+                              self.pieces)
             if l < len(features):  # on the layer's output, as Qwen3-VL's _deepstack_process
                 x[mask] += features[l]
         return x
@@ -211,7 +227,7 @@ class Decoder:
             return self._attention(q, k, v, mask, scale, causal=True, sinks=self.sinks[l])
 
         x = self._layers(x, positions, write, attend, deepstack, lengths)
-        return self._logits(x[torch.arange(n, device=x.device), lengths - 1])
+        return self.logits(x[torch.arange(n, device=x.device), lengths - 1])
 
     def decode(self, k_cache, v_cache, tokens, pos, rope_offset, slots, columns):
         """Logits [slots, V] after ``tokens`` [slots] at KV index ``pos`` (rope position ``pos + rope_offset``);
@@ -235,4 +251,4 @@ class Decoder:
                 return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale, sinks=self.sinks[l])
 
         x = self._layers(x, (pos + rope_offset)[:, None], write, attend)
-        return self._logits(x[:, 0])
+        return self.logits(x[:, 0])

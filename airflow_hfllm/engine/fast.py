@@ -11,10 +11,10 @@ to harvest finished rows and admit new ones (under a grammar, one step in two gr
 Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
 pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
-CUDA out of memory (KV cache, prefill, graph capture) does not end the job: the rows in slots go back to
-the window (to restart from their prompt with the same samples), the state is rebuilt with half the slots
-(after a prefill, half the prefill group), counted in :meth:`FastEngine.stats`. A row that does not fit
-in one slot ends in ``error``; a KV cache of one slot that does not fit is an error naming its memory.
+CUDA out of memory (KV cache, prefill, graph capture) does not end the job: the rows in slots go back to the
+window (to restart from their prompt with the same samples), the state is rebuilt with half the slots (after
+a prefill, half the prefill group), counted in :meth:`FastEngine.stats`. A row that does not fit in one slot
+ends in ``error``; a KV cache of one slot that does not fit is an error naming its memory.
 
 The same code runs eagerly on the CPU (how CI tests it). Supported: ``engine/arch``'s families, unquantized,
 FP8, bitsandbytes 8-bit (no CUDA graphs) or 4-bit, adapters merged; anything else takes ``engine/generate.py``.
@@ -60,6 +60,7 @@ class FastEngine:
     :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows, not LongRoPE).
     :param grammar_overlap: under a grammar, compute each step's masks while the GPU runs its forward pass
         (``engine/steps.py``; default: on CUDA); ``False``: after the step, as on the CPU.
+    :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``; default: off for now).
     """
 
     vision = False
@@ -67,7 +68,8 @@ class FastEngine:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  decode_kernel: bool | None = None, prefix_reuse: bool = True, grammar_overlap: bool | None = None,
-                 should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
+                 compile: bool | None = None, should_stop: Callable[[], bool] | None = None,
+                 on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
@@ -78,7 +80,7 @@ class FastEngine:
         self.loaded, self.params, self.model = loaded, params, loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
-        self.decoder = Decoder(self.model, kernel=decode_kernel)
+        self.decoder = Decoder(self.model, kernel=decode_kernel, compile=compile)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
         self.eos = eos_ids(loaded)
@@ -97,7 +99,7 @@ class FastEngine:
         self.oom_splits = 0  # times the slots were halved after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory alone in one slot (they end in error)
         self.steps, self.per_row_seeds, self._prefill_events = 0, True, []  # (start, end) CUDA events not yet added up
-        self._shape = self._graph = None  # (slots, max_len) of the allocated state, and its CUDA graph
+        self._shape = self._graph = None  # (slots, max_len) of the allocated state; the captured decode steps
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self.sample = Sampler(params, self.vocab, self.eos, self.device)
         self._counted = bool(params.presence_penalty or params.frequency_penalty)
@@ -301,6 +303,7 @@ class FastEngine:
                 "prefill_gpu_seconds": round(self.prefill_gpu_seconds, 3), "decode_steps": self.steps,
                 "slots": self._shape[0] if self._shape else None,
                 "oom_splits": self.oom_splits, "oom_errors": self.oom_errors, **self.prefix.stats(),
+                "compile_seconds": round(self.decoder.compiler.seconds, 3),
                 **(self.constraint.stats() if self.constraint else {})}
 
     def _padded_ids(self, group: list[Request], skip: int = 0):

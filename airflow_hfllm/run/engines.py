@@ -64,8 +64,8 @@ class StreamDriver(Driver):
     name = "fast"
 
     @property
-    def compile_seconds(self) -> float:  # CUDA-graph capture
-        return self.generator.capture_seconds
+    def compile_seconds(self) -> float:  # CUDA-graph capture, and torch.compile where on (engine/compiled.py)
+        return self.generator.capture_seconds + self.generator.decoder.compiler.seconds
 
     def run(self, chunks: Iterable[Chunk], seed: int) -> Iterator[Generated]:
         open_chunks: dict[int, tuple[Chunk, dict, int]] = {}

@@ -26,6 +26,7 @@ from typing import Sequence
 
 from airflow_hfllm.engine.fast import unsupported_reason
 from airflow_hfllm.engine.arch.layer import right_padded
+from airflow_hfllm.engine.compiled import compile_failed
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
@@ -160,7 +161,7 @@ class LlamaGuardChecker(SafetyChecker):
         # Verdicts take the lean pass where the fast engine's layout holds; the category line (unsafe
         # rows only) and other models take transformers' forward, compiled only when it does verdicts.
         reason = unsupported_reason(loaded) if self.fast else "fast=False"
-        self._pass = VerdictPass(loaded, compile_on) if reason is None else None
+        self._pass = VerdictPass(loaded, compile_on, f"llama guard {self.spec.model}") if reason is None else None
         if reason:
             log.info("llama guard %s: transformers' forward for verdicts (%s)", self.spec.model, reason)
         self._compiled = torch.compile(self._decoder, dynamic=True) if compile_on and reason else None
@@ -328,7 +329,7 @@ class LlamaGuardChecker(SafetyChecker):
 
         try:
             return once()
-        except _CompileFailed:  # the cache may hold half a step: start the batch over, eager
+        except _CompileFailed:  # transformers' forward: the cache may hold half a step, start the batch over eager
             return once()
 
     @property
@@ -342,19 +343,11 @@ class LlamaGuardChecker(SafetyChecker):
 
         dev = loaded.model.device
         lengths = torch.tensor([len(row) for row in rows], device=dev)
-        with torch.inference_mode():
-            try:
-                return self._pass.logits(right_padded(rows, self._pad).to(dev), lengths, self._prefix_kv[kind])
-            except Exception as exc:
-                if not self._pass.compiled:
-                    raise
-                self._compile_failed(exc)
-                self._pass = VerdictPass(loaded, compile=False)
-                raise _CompileFailed() from exc
+        with torch.inference_mode():  # a pure pass: a compile failure runs it again eagerly (engine/compiled.py)
+            return self._pass.logits(right_padded(rows, self._pad).to(dev), lengths, self._prefix_kv[kind])
 
     def _compile_failed(self, exc: Exception) -> None:
-        log.warning("llama guard %s: torch.compile failed (%s: %s); running eager", self.spec.model,
-                    type(exc).__name__, str(exc)[:200])
+        compile_failed(f"llama guard {self.spec.model}", exc)
 
     def _run_once(self, loaded, kind: Kind, rows: list[list[int]], new_tokens: int):
         from contextlib import nullcontext

@@ -20,18 +20,19 @@ else keeps transformers' forward (:meth:`LlamaGuardChecker._run`).
 from __future__ import annotations
 
 from airflow_hfllm.engine.arch.layer import decoder_layer, rotate_half, text_config, text_model
+from airflow_hfllm.engine.compiled import Compiler
 from airflow_hfllm.engine.loading import LoadedModel
 
 
 class VerdictPass:
     """``logits(ids, lengths, prefix)``: next-token logits [n, vocab] (fp32) after each row's last token.
 
-    :param compile: ``torch.compile`` the pass (dynamic shapes), fusing norms, rotary and activations.
+    :param compile: ``torch.compile`` the pass (dynamic shapes), fusing norms, rotary and activations; a
+        compile failure runs it eagerly from then on, with one warning naming ``name``
+        (:class:`~airflow_hfllm.engine.compiled.Compiler`, the fast engine's).
     """
 
-    def __init__(self, loaded: LoadedModel, compile: bool):
-        import torch
-
+    def __init__(self, loaded: LoadedModel, compile: bool, name: str = "verdict pass"):
         model = loaded.model
         cfg = text_config(model.config)
         self.base = text_model(model)
@@ -41,8 +42,13 @@ class VerdictPass:
         self.dims = (heads, getattr(cfg, "num_key_value_heads", None) or heads,
                      getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         self.gqa = bool(self.dims[1] != heads)
-        self.compiled = compile
-        self._fn = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self.compiler = Compiler(name, compile)
+        self._fn = self.compiler(self._forward)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the pass runs compiled (after a compile failure: no)."""
+        return self.compiler.enabled
 
     def logits(self, ids, lengths, prefix: list[tuple]):
         """ids [n, w] right-padded row tokens, lengths [n], prefix: per layer (keys, values) [1, kv, P, hd]."""

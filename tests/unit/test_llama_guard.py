@@ -220,8 +220,8 @@ def test_make_checker_llama_guard(models):
 
 
 def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog):
-    """compile=True where torch.compile fails (at its first call, as a real failure does): the batch
-    starts over eager (the lean verdict pass, not compiled), verdicts equal the eager checker's, later batches stay eager."""
+    """compile=True where torch.compile fails (at its first call, as a real failure does): the lean verdict
+    pass (pure) runs that call again eagerly, verdicts equal the eager checker's, later batches stay eager."""
     calls = []
 
     def broken_compile(fn, **kwargs):

@@ -12,6 +12,10 @@ from typing import Sequence
 
 # set by engine/arch/fuse.py: (one linear module, split sizes) of the fused q/k/v and gate/up projections
 QKV, GATE_UP = "fused_qkv", "fused_gate_up"
+# set on each attention module when the decoder compiles (engine/compiled.py): (heads, kv_heads, head_dim),
+# read there by the compiled pieces. Under torch.compile(dynamic=True) a compiled function's int arguments, and
+# the ints of its closures, become symbolic (kernels generic in the head size); a module's ints stay constant
+DIMS = "hfllm_dims"
 
 
 def text_model(model):
@@ -80,18 +84,33 @@ def apply_rope(x, cos, sin):
     return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
-def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int]):
+def decoder_layer(layer, x, cos, sin, write, attend, dims: tuple[int, int, int], pieces=None):
     """One decoder layer through the model's own modules. x: [n, T, D], cos/sin: [n or 1, T, rotary_dim],
     dims: (heads, kv_heads, head_dim). ``write(l, k, v)`` stores this step's keys/values and
-    ``attend(l, q, k, v, scale)`` returns the attention output [n, H, T, hd]."""
+    ``attend(l, q, k, v, scale)`` returns the attention output [n, H, T, hd]. ``pieces``: what runs instead
+    of ``(before_attention, after_attention)`` (the decoder's compiled ones, ``engine/compiled.py``); the
+    KV write and attention between them are the caller's."""
+    before, after = pieces or (before_attention, after_attention)
+    attn = layer.self_attn
+    q, k, v = before(layer, x, cos, sin, dims)
+    write(attn.layer_idx, k, v)
+    return after(layer, x, attend(attn.layer_idx, q, k, v, attn.scaling), dims)
+
+
+def before_attention(layer, x, cos, sin, dims: tuple[int, int, int]):
+    """The layer up to attention: input norm, q/k/v projection, per-head q/k norms, rope. q, k, v [n, H or
+    KV, T, hd] of x [n, T, D]."""
+    q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(x), dims)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def after_attention(layer, x, o, dims: tuple[int, int, int]):
+    """The layer after attention: o_proj of the attention output o [n, H, T, hd], residual, norms, MLP,
+    residual; the layer's output [n, T, D]."""
     heads, _, head_dim = dims
     n, t, _ = x.shape
-    attn = layer.self_attn
-    q, k, v = project_qkv(attn, layer.input_layernorm(x), dims)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    write(attn.layer_idx, k, v)
-    o = attn.o_proj(attend(attn.layer_idx, q, k, v, attn.scaling).transpose(1, 2).reshape(n, t, heads * head_dim))
+    o = layer.self_attn.o_proj(o.transpose(1, 2).reshape(n, t, heads * head_dim))
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma's sandwich: norms after attention and MLP too
         x = x + layer.post_attention_layernorm(o)
         return x + layer.post_feedforward_layernorm(mlp(layer, layer.pre_feedforward_layernorm(x)))
