@@ -308,7 +308,16 @@ class FastEngine:
 
     def _padded_ids(self, group: list[Request], skip: int = 0):
         """The group's prompt ids [n, W] after the first ``skip``, right-padded, on the device."""
-        return right_padded([r.input_ids[skip:] for r in group]).to(self.device)
+        return self._upload(right_padded([r.input_ids[skip:] for r in group]))
+
+    def _upload(self, values):
+        """``values`` (a list or CPU tensor) on the device without a sync: a plain upload waits for the GPU's
+        queue to drain, so the host could not prepare the next prefill group (or capture the decode graph)
+        while the GPU runs this one."""
+        import torch
+
+        cpu = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+        return cpu.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else cpu
 
     def _inputs(self, group: list[Request], skip: int = 0):
         """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n] or
@@ -344,10 +353,9 @@ class FastEngine:
             skip = len(prefix.ids) if prefix else 0
             ids, x, positions, offsets, deepstack = self._inputs(group, skip)
             n, width = ids.shape
-            lengths = torch.tensor([len(r.input_ids) - skip for r in group], device=dev)
-            slot_idx = torch.tensor(slot_list, device=dev)
-            seeds_t = torch.tensor(seeds, dtype=torch.long, device=dev)
-            max_new = torch.tensor([r.max_new_tokens for r in group], device=dev)
+            lengths = self._upload([len(r.input_ids) - skip for r in group])
+            slot_idx, seeds_t = self._upload(slot_list), self._upload(seeds)
+            max_new = self._upload([r.max_new_tokens for r in group])
             presence = None
             if self.presence is not None:
                 self.presence[slot_idx] = False
