@@ -319,7 +319,8 @@ def first_row(dataset) -> tuple[str | None, dict | None]:
     for file in dataset.files:
         if file.rows:
             with dataset.fs.open(file.path, "rb") as f:
-                batch = next(pq.ParquetFile(f).iter_batches(batch_size=1, use_threads=False))
+                reader = pq.ParquetFile(f, pre_buffer=False)  # read on this thread: see Dataset._read
+                batch = next(reader.iter_batches(batch_size=1, use_threads=False))
             return file.path, batch.slice(0, 1).to_pylist()[0]
     return None, None
 

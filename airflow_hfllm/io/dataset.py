@@ -170,17 +170,22 @@ class Dataset:
 
     def _read(self, file: InputFile, columns: Sequence[str] | None) -> pa.Table:
         """The file's rows in the dataset's schema: columns cast to their unified types, and null for
-        a column this file lacks."""
+        a column this file lacks.
+
+        Read on this thread only, so that no pyarrow pool thread holds the reader once this returns:
+        ``pq.read_table`` goes through ``pyarrow.dataset``, whose scanner opens the file on pyarrow's
+        thread pools (whatever ``use_threads`` says), and ``pre_buffer`` and ``use_threads`` read and
+        decode on them. A pool thread could then drop the last reference to the reader after the
+        read returned; freeing the Python file it wraps takes the GIL, and a thread that takes the GIL
+        while the interpreter finalizes exits mid-destructor: "terminate called without an active
+        exception" and SIGABRT, on a quick exit after an input error (duplicate ids)."""
         names = list(columns) if columns else self.schema.names
         for name in names:
             if name in self.conflicts:
                 raise InputError(describe_conflict(name, self.conflicts[name]))
         have = [n for n in names if n in file.schema.names]
         with self.fs.open(file.path, "rb") as f:
-            # pre_buffer reads ahead on pyarrow's IO threads; on a Python file object those threads can
-            # outlive the read and abort the interpreter at exit ("terminate called without an active
-            # exception"), seen on a quick exit after an input error.
-            table = pq.read_table(f, columns=have, pre_buffer=False)
+            table = pq.ParquetFile(f, pre_buffer=False).read(columns=have, use_threads=False)
         target = pa.schema([self.schema.field(n) for n in names])
         arrays = [table.column(n) if n in have else pa.nulls(table.num_rows, target.field(n).type) for n in names]
         try:

@@ -20,13 +20,13 @@ def hfllm(*args, **kw):
 
 def test_up_front_errors_exit_nonzero_with_one_line(tiny_lm, tmp_path):
     done = hfllm("text", "--model", tiny_lm, "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr  # exactly 2: an abort at exit (-6) is a failure, not an error code
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("hfllm: error: input not found:") and "missing" in last
 
     pd.DataFrame({"id": [1, 1], "prompt": ["a", "b"]}).to_parquet(tmp_path / "dup.parquet")
     done = hfllm("text", "--model", tiny_lm, "--input", str(tmp_path / "dup.parquet"), "--output", str(tmp_path / "o"))
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr
     assert "duplicate ids in column 'id': 1" in done.stderr.strip().splitlines()[-1]
 
 
