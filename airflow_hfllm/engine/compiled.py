@@ -43,6 +43,12 @@ COMPILE_DEFAULT = False
 RECOMPILE_LIMIT = 64
 
 
+# A job compiles its fast engine (on CUDA, text) when it will generate at least this many tokens: on an H200
+# the 7B standard batch ran 12,776 -> 15,708 output tok/s compiled, and compiling took 25 s (inductor's cache
+# cold), repaid after ~1.7M output tokens (docs/benchmarks.md)
+COMPILE_MIN_TOKENS = 2_000_000
+
+
 def compile_by_default(device) -> bool:
     """Whether a fast engine on ``device`` compiles when its ``compile`` option is unset."""
     return COMPILE_DEFAULT and device.type == "cuda"

@@ -167,7 +167,8 @@ class Job:
                             sum(r["counts"]["rows"] for r in done.values()),
                             self.config.progress_every)
         driver = engines.choose(self.kind, loaded, self.params, self.config, should_stop=self.stop_event.is_set,
-                                on_batch=progress.batch, log=self.log, model_name=self.model.model)
+                                on_batch=progress.batch, log=self.log, model_name=self.model.model,
+                                output_tokens=todo_rows * self.params.num_return_sequences * self.params.max_new_tokens)
         steps = Steps(self.kind, self.prompts, self.config, self.params, self.checkers, progress)
         t_gen = time.monotonic()
         for chunk, completions in driver.run(self._chunks(dataset, todo, steps, loaded), seed=folder.seed):

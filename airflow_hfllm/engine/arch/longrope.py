@@ -20,6 +20,12 @@ holds long-factor keys and values only from then on. The fast engine does the sa
 from __future__ import annotations
 
 
+def is_longrope(config) -> bool:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type")) == "longrope"
+
+
 class LongRope:
     """cos, sin [n, T, rotary_dim] for positions [n, T], each row on its own factors."""
 
