@@ -51,22 +51,16 @@ class Captured:
         current = torch.cuda.current_stream(engine.device)
         stream = torch.cuda.Stream(engine.device)
         stream.wait_stream(current)  # after the clones: the warm-up must not move the state under them
-        self.graphs, self.outputs, out = [], [], None
         with torch.cuda.stream(stream), torch.inference_mode():
             warm_up()
-            for part in parts:
-                # Captured on the side stream, which waits for the prefills, without torch.cuda.graph's device
-                # sync: the host captures while the GPU still runs the prefills queued before (about a second
-                # of a job's start that the GPU would otherwise sit idle for).
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(self.graphs[0].pool() if self.graphs else None)
-                try:
-                    out = part(out)
-                finally:
-                    graph.capture_end()
-                self.graphs.append(graph)
-                self.outputs.append(out)
         current.wait_stream(stream)
+        self.graphs, self.outputs, out = [], [], None
+        for part in parts:
+            graph, pool = torch.cuda.CUDAGraph(), self.graphs[0].pool() if self.graphs else None
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                out = part(out)
+            self.graphs.append(graph)
+            self.outputs.append(out)
         for t, s in zip(state, saved):
             t.copy_(s)
         engine.capture_seconds += time.monotonic() - started - (engine.decoder.compiler.seconds - compiled)
