@@ -444,8 +444,9 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
             note += f", {after['prefix_tokens_saved']} prompt tokens' prefill saved by prefix reuse"
         if grammar:
             grammar_s = {k: round(after[f"grammar_{k}_seconds"] - before[f"grammar_{k}_seconds"], 2)
-                         for k in ("mask", "wait")}
-            note += f"; grammar: {grammar_s['mask']} s host mask work, {grammar_s['wait']} s host waiting on the GPU"
+                         for k in ("mask", "consume", "wait")}
+            note += (f"; grammar: {grammar_s['mask']} s host mask work ({grammar_s['consume']} s of it consuming "
+                     f"tokens), {grammar_s['wait']} s host waiting on the GPU")
         if path == "ours-compiled":
             late = engine.decoder.compiler.seconds - compiled_s  # a shape class the warm-up missed
             note += (f", torch.compile {compiled_s:.1f} s + capture {engine.capture_seconds:.1f} s"

@@ -122,7 +122,8 @@ class Constraint:
         self.words = (self.tokenizer.vocab_size + 31) // 32
         self.matchers: list = []
         self.mask = self.device_mask = None
-        self.mask_seconds = self.wait_seconds = 0.0  # the fast engine's host time (engine/steps.py)
+        # the fast engine's host time (engine/steps.py); consuming tokens is a part of the mask work
+        self.mask_seconds = self.wait_seconds = self.consume_seconds = 0.0
 
     def allocate(self, slots: int, device):
         """The fast engine's masks: ``mask`` on the host (pinned on CUDA, for an asynchronous copy) and the
@@ -174,7 +175,9 @@ class Constraint:
         slots = [s for s in sorted(self.active if slots is None else slots) if counts[s] > self.consumed[s]]
         for s in slots:
             self.consumed[s] = counts[s]
+        consumed = time.monotonic()
         ended = [s for s, e in zip(slots, self.advance(slots, [tokens[s] for s in slots])) if e]
+        self.consume_seconds += time.monotonic() - consumed
         if ended:  # from pinned memory: a plain index would copy from pageable memory, with a sync
             cuda = done.device.type == "cuda"
             done.index_fill_(0, torch.tensor(ended, pin_memory=cuda).to(done.device, non_blocking=cuda), True)
@@ -194,6 +197,7 @@ class Constraint:
     def stats(self) -> dict:
         """The fast engine's host seconds of mask work (matchers, masks, copies) and of waiting on the GPU."""
         return {"grammar_mask_seconds": round(self.mask_seconds, 3),
+                "grammar_consume_seconds": round(self.consume_seconds, 3),
                 "grammar_wait_seconds": round(self.wait_seconds, 3)}
 
     def matcher(self):
