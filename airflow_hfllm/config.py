@@ -25,10 +25,9 @@ DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 DEFAULT_MAX_BYTES = 64 * 2**20
 # What min_pixels and max_pixels mean, for every vision model (in transformers 5 they are the image
 # processor's size {"shortest_edge": min_pixels, "longest_edge": max_pixels}).
-PIXELS_MEAN = ("Counted on the resized image, whose sides are multiples of the model's patch size x 2 (its 2x2 "
-               "merge): 28 for Qwen2-VL/Qwen2.5-VL (14-pixel patches), 32 for Qwen3-VL (16-pixel patches), each such "
-               "square one image token; the default bounds are 224..1280 image tokens for Qwen2.5-VL, about 172..980 "
-               "for Qwen3-VL")
+PIXELS_MEAN = ("Counted on the resized image, whose sides are multiples of the patch size x 2 (its 2x2 merge): "
+               "28 for Qwen2-VL/Qwen2.5-VL (14-pixel patches), 32 for Qwen3-VL (16-pixel patches), each such square "
+               "one image token; the default bounds are 224..1280 image tokens for Qwen2.5-VL, ~172..980 for Qwen3-VL")
 
 # Where the kinds differ: vision rows are heavier (smaller parts), and the spec's image model was greedy.
 KIND_DEFAULTS = {"vision": {"chunk_rows": 256, "do_sample": False}}
@@ -119,8 +118,7 @@ def options(cls, kind: str | None = None) -> tuple[Option, ...]:
             continue
         base, optional, many = _unwrap(hints[f.name])
         found.append(Option(
-            name=f.name, type=base, many=many, optional=optional,
-            default=f.default,
+            name=f.name, type=base, many=many, optional=optional, default=f.default,
             help=meta["help"], cli="--" + f.name.replace("_", "-") if meta["cli"] is None else meta["cli"],
             operator=f.name if meta["operator"] is None else meta["operator"], templated=meta["templated"],
             kinds=meta["kinds"], choices=meta["choices"], minimum=meta["minimum"], maximum=meta["maximum"],
@@ -335,6 +333,8 @@ class JobConfig:
                                          "ended in error", minimum=0, maximum=1)
     engine: str = option("auto", "auto: the fast engine on a GPU when the model allows (continuous batching, "
                                  "CUDA graphs), else batched generate()", choices=("auto", "fast", "batched"))
+    compile: str = option("auto", "torch.compile the fast engine's layers: auto (a GPU text job of at least 2M output "
+                                  "tokens, which repays the compiling), on, off", choices=("auto", "on", "off"))
     input_fingerprint: str = option(
         "metadata", "how a changed input is noticed: metadata (size and etag/mtime) or content (a SHA-256 of every "
                     "input file, read each run: for files rewritten with size and mtime kept)",

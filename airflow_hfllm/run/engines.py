@@ -99,8 +99,9 @@ class StreamDriver(Driver):
 def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_batch, log: logging.Logger,
            model_name: str, output_tokens: int = 0) -> Driver:
     """The fast engine where the model and device allow (or ``engine='fast'`` asks), else batched
-    ``generate()``; the log says which and why. A text job of at least ``COMPILE_MIN_TOKENS`` (most)
-    ``output_tokens`` on a GPU compiles the fast engine's layers (``engine/compiled.py``)."""
+    ``generate()``; the log says which and why. With ``compile="auto"``, a text job of at least
+    ``COMPILE_MIN_TOKENS`` (most) ``output_tokens`` on a GPU compiles the fast engine's layers
+    (``engine/compiled.py``)."""
     from airflow_hfllm.engine.arch.longrope import is_longrope
     from airflow_hfllm.engine.choices import ChoiceScorer
     from airflow_hfllm.engine.compiled import COMPILE_MIN_TOKENS
@@ -120,10 +121,11 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
         # exact on the CPU, but 88% of rows agree on a GPU in fp32 where other families reach 100% (docs/design.md)
         reason = "LongRoPE runs on the fast engine only with engine='fast' until its GPU test agrees"
     if reason is None:
-        compile = loaded.device.type == "cuda" and not kind.vision and output_tokens >= COMPILE_MIN_TOKENS
+        compile = {"on": True, "off": False}.get(
+            config.compile, loaded.device.type == "cuda" and not kind.vision and output_tokens >= COMPILE_MIN_TOKENS)
         log.info("engine: fast (continuous batching, static KV cache%s%s) on %s",
                  ", CUDA graphs" if loaded.device.type == "cuda" else "",
-                 f", layers compiled for {output_tokens} output tokens at most" if compile else "", loaded.device)
+                 ", layers compiled (torch.compile)" if compile else "", loaded.device)
         return StreamDriver(fast(loaded, params, slots=config.batch_size, compile=compile, **common, **fast_kwargs),
                             scorer)
     if config.engine == "fast":

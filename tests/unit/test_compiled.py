@@ -98,3 +98,21 @@ def test_running_out_of_memory_is_not_a_compile_failure(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):  # to the engine's recovery, which catches exactly this
         add(torch.ones(1))
     assert compiler.enabled
+
+
+def test_the_job_option_reaches_the_engine(loaded):
+    """``compile`` on / off reach the fast engine; auto compiles only GPU text jobs of at least
+    COMPILE_MIN_TOKENS output tokens (so not this CPU job, however long)."""
+    from airflow_hfllm.config import JobConfig
+    from airflow_hfllm.run import engines
+    from airflow_hfllm.run.kinds import TextKind
+
+    def compiled(value: str, tokens: int = 0) -> bool:
+        driver = engines.choose(TextKind(), loaded, GenerationParams(), JobConfig(engine="fast", compile=value),
+                                should_stop=lambda: False, on_batch=lambda rows, tokens: None,
+                                log=logging.getLogger("test"), model_name="tiny", output_tokens=tokens)
+        return driver.generator.decoder.compiler.enabled
+
+    assert compiled("on") and not compiled("off") and not compiled("auto", 10**9)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        JobConfig(compile="yes")

@@ -81,8 +81,8 @@ def test_deepstack_features_matter(qwen3_vl):
     dropped = []
 
     class WithoutDeepstack(VisionFastEngine):
-        def _inputs(self, group):
-            *inputs, deepstack = super()._inputs(group)
+        def _inputs(self, group, skip=0):
+            *inputs, deepstack = super()._inputs(group, skip)
             mask, features = deepstack
             assert len(features) == 2 and all(f.shape[0] == int(mask.sum()) for f in features)
             dropped.append(len(group))
