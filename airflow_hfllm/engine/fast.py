@@ -60,7 +60,7 @@ class FastEngine:
     :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows, not LongRoPE).
     :param grammar_overlap: under a grammar, compute each step's masks while the GPU runs its forward pass
         (``engine/steps.py``; default: on CUDA); ``False``: after the step, as on the CPU.
-    :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``; default: off for now).
+    :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``); a job decides by size.
     """
 
     vision = False
