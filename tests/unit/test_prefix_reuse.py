@@ -100,3 +100,25 @@ def test_mixed_prefixes_and_penalties_equal_no_reuse(loaded):
     assert [c.text for c in reused] == [c.text for c in plain]
     assert off.stats()["prefix_tokens_saved"] == 0 and on.stats()["prefix_tokens_saved"] > 0
     assert on.stats()["prefixes_computed"] >= 1
+
+
+def test_job_manifest_counts_the_prefix_tokens_saved(tiny_lm, tmp_path):
+    """A job whose rows share a long system prompt: its manifest says how much prefill the reuse saved, and
+    its outputs are those of the batched engine."""
+    import pandas as pd
+
+    from airflow_hfllm.run.job import TextJob
+    from tests.conftest import write_prompts
+
+    write_prompts(tmp_path / "in.parquet", 24)
+    greedy = GenerationParams(max_new_tokens=8, do_sample=False)
+
+    def run(engine: str) -> dict:
+        return TextJob(input=str(tmp_path / "in.parquet"), output=str(tmp_path / engine), model=ModelSpec(tiny_lm),
+                       params=greedy, chunk_rows=8, engine=engine, system_prompt=INSTRUCTIONS).run()
+
+    fast, batched = run("fast"), run("batched")
+    assert fast["engine_stats"]["prefixes_computed"] == 1
+    assert fast["engine_stats"]["prefix_tokens_saved"] >= 23 * MIN_TOKENS
+    a, b = (pd.read_parquet(tmp_path / e).sort_values("id").output.tolist() for e in ("fast", "batched"))
+    assert a == b
