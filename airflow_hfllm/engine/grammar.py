@@ -289,9 +289,11 @@ def apply_mask(logits, mask):
     static shapes and no host sync, so a CUDA graph can hold it."""
     import torch
 
-    shifts = torch.arange(32, device=mask.device, dtype=torch.int32)
-    bits = ((mask[:, :, None] >> shifts) & 1).reshape(mask.shape[0], -1)[:, :logits.shape[-1]]
-    return logits.masked_fill(bits == 0, float("-inf"))
+    # bytes, not int32 words, unpacked: a quarter of the memory (~78 MB a step at 512 slots of a 152k vocabulary);
+    # little-endian, so token t is bit t % 8 of byte t // 8
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = ((mask.contiguous().view(torch.uint8)[:, :, None] >> shifts) & 1).reshape(mask.shape[0], -1)
+    return logits.masked_fill(bits[:, :logits.shape[-1]] == 0, float("-inf"))
 
 
 def generate_hooks(constraint: Constraint, kwargs: dict) -> dict:

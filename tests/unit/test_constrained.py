@@ -180,3 +180,18 @@ def test_fast_engine_overlapped_grammar_steps_draw_what_serial_steps_draw(loaded
     # a row completed by its grammar is found so during the next step's forward pass: at most one more step each
     assert serial.stats()["decode_steps"] <= overlapped.stats()["decode_steps"] <= serial.stats()["decode_steps"] + 30
     assert overlapped.stats()["grammar_mask_seconds"] > 0 and serial.stats()["grammar_mask_seconds"] > 0
+
+
+def test_apply_mask_masks_exactly_the_zero_bits():
+    """Token t is bit t % 32 of word t // 32 (the sign bit included), and the words' padding bits are ignored."""
+    import torch
+
+    from airflow_hfllm.engine.grammar import apply_mask
+
+    torch.manual_seed(0)
+    for vocab in (37, 100):
+        mask = torch.randint(-2**31, 2**31 - 1, (4, (vocab + 31) // 32), dtype=torch.int32)
+        allowed = torch.tensor([[(int(mask[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(4)])
+        logits = torch.randn(4, vocab)
+        out = apply_mask(logits, mask)
+        assert torch.equal(torch.isinf(out), allowed == 0) and torch.equal(out[allowed == 1], logits[allowed == 1])
