@@ -73,6 +73,18 @@ def chat_requests(tokenizer, n: int, new) -> list:
     return [Request(encode(tokenizer, [{"role": "user", "content": prompt_text(i)}]), tokens(i)) for i in range(n)]
 
 
+def failing_compile(calls: list):
+    """A stand-in for ``torch.compile`` whose compiled functions fail at their first call, as a real compile
+    failure does (no C++ compiler); each call appends the function to ``calls``."""
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            calls.append(fn)
+            raise RuntimeError("inductor: no C++ compiler")
+        return run
+
+    return broken_compile
+
+
 def kill_after_first_part(cmd: list[str], out) -> dict:
     """Run ``cmd`` (an ``hfllm`` job writing to ``out``), SIGKILL it and its children once its first part is
     committed, and return the committed parts' (inode, mtime): a rerun must leave them as they are."""

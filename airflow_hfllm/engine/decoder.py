@@ -7,7 +7,7 @@ import inspect
 
 from airflow_hfllm.engine.arch import ROPE_TYPES, family_reason
 from airflow_hfllm.engine.arch.fuse import fuse_projections
-from airflow_hfllm.engine.arch.layer import decoder_layer, text_config, text_model
+from airflow_hfllm.engine.arch.layer import decoder_layer, rope_parameters, text_config, text_model
 from airflow_hfllm.engine.arch.longrope import LongRope
 from airflow_hfllm.engine.compiled import Compiler, compile_by_default, layer_pieces
 from airflow_hfllm.engine.loading import LoadedModel, quant_method
@@ -26,7 +26,7 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
         return f"quantized weights ({getattr(method, 'value', method)})"
     if type(model).__name__.startswith("Peft"):
         return "unmerged PEFT adapter"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope = rope_parameters(cfg)
     for params in (rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]):
         kind = params.get("rope_type", params.get("type", "default"))
         # longrope as Phi-3's generate() runs it (engine/arch/longrope.py); other models' keep their KV cache
@@ -82,8 +82,7 @@ class Decoder:
         cfg = text_config(model.config)
         self.model, self.base = model, text_model(model)
         self.layers = list(self.base.layers)
-        self.mrope_section = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-                              or {}).get("mrope_section")
+        self.mrope_section = rope_parameters(cfg).get("mrope_section")
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads

@@ -364,7 +364,7 @@ class FastEngine:
                 presence = self.presence
                 presence[slot_idx[rows[valid]], ids[valid]] = True
                 if skip:
-                    presence[slot_idx[:, None], torch.tensor(prefix.ids, device=dev)[None]] = True
+                    presence[slot_idx[:, None], self._upload(prefix.ids)[None]] = True
                 presence = presence[slot_idx]
             logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack,
                                           prefix.kv if prefix else None)

@@ -121,6 +121,7 @@ class Constraint:
                                                       eos_token=list(eos) or None)
         self.words = (self.tokenizer.vocab_size + 31) // 32
         self.matchers: list = []
+        self.consumed: list[int] = []  # the fast engine's: each slot's tokens its matcher consumed
         self.mask = self.device_mask = None
         # the fast engine's host time (engine/steps.py); consuming tokens is a part of the mask work
         self.mask_seconds = self.wait_seconds = self.consume_seconds = 0.0
@@ -224,7 +225,7 @@ class Constraint:
         started = time.monotonic()
         for r in rows:
             self.matchers[r] = self.matcher()
-            if hasattr(self, "consumed"):  # the fast engine's slots
+            if self.consumed:
                 self.consumed[r] = 0
         self.fill(rows)
         self.mask_seconds += time.monotonic() - started

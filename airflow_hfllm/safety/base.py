@@ -122,6 +122,21 @@ def require_finite(scores, checker: str) -> None:
         raise FloatingPointError(f"{checker} produced non-finite scores")
 
 
+def batches(order: list[int], rows: list[list[int]], batch_size: int, token_budget: int):
+    """Runs of ``order`` (indices into ``rows``, best sorted by length) of at most ``batch_size`` rows and
+    ``token_budget`` tokens once padded to the run's longest row."""
+    batch, width = [], 0
+    for i in order:
+        wider = max(width, len(rows[i]))
+        if batch and (len(batch) == batch_size or wider * (len(batch) + 1) > token_budget):
+            yield batch
+            batch, wider = [], len(rows[i])
+        batch.append(i)
+        width = wider
+    if batch:
+        yield batch
+
+
 def windows(ids: list[int], size: int, overlap: int = 32) -> list[list[int]]:
     """Split token ids into windows of at most ``size`` (overlapping a little, so a phrase cut at a
     window edge is still seen whole once). Checkers judge long texts as unsafe if any window is."""

@@ -20,7 +20,7 @@ from typing import Sequence
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
+from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, require_finite, windows
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class ClassifierChecker(SafetyChecker):
             return []
         owner, rows = self._rows(loaded.tokenizer, list(texts))
         self.stats.update(texts=len(texts), rows=len(rows), tokens=sum(map(len, rows)))
-        passes = list(self._batches(sorted(range(len(rows)), key=lambda i: len(rows[i])), rows))
+        by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        passes = list(batches(by_length, rows, self.batch_size, self.token_budget))
         probs = torch.empty(len(rows), len(self._labels))
         order, by_pass = [i for batch in passes for i in batch], [[rows[i] for i in batch] for batch in passes]
         try:
@@ -127,19 +128,6 @@ class ClassifierChecker(SafetyChecker):
                 owner.append(n)
                 rows.append(tok(tok.decode(window), truncation=True, max_length=self._limit)["input_ids"])
         return owner, rows
-
-    def _batches(self, order: list[int], rows: list[list[int]]):
-        """Runs of ``order`` (rows by length) within ``batch_size`` rows and ``token_budget`` padded tokens."""
-        batch, width = [], 0
-        for i in order:
-            wider = max(width, len(rows[i]))
-            if batch and (len(batch) == self.batch_size or wider * (len(batch) + 1) > self.token_budget):
-                yield batch
-                batch, wider = [], len(rows[i])
-            batch.append(i)
-            width = wider
-        if batch:
-            yield batch
 
     def _probs(self, loaded, passes: list[list[list[int]]]):
         """Label probabilities [rows, labels] (fp32, on the CPU) of every pass's rows, in pass order."""

@@ -30,7 +30,7 @@ from airflow_hfllm.engine.compiled import compile_failed
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, require_finite, windows
+from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, require_finite, windows
 from airflow_hfllm.safety.verdict_pass import VerdictPass
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,8 @@ class LlamaGuardChecker(SafetyChecker):
         self.stats.update(texts=len(texts), rows=len(rows), tokens=sum(map(len, rows)))
         safe_id, unsafe_id = self._answer["safe"][0], self._answer["unsafe"][0]
         scores = [0.0] * len(rows)
-        for batch in self._batches(sorted(range(len(rows)), key=lambda i: len(rows[i])), rows):
+        by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for batch in batches(by_length, rows, self.batch_size, self.token_budget):
             pair = self._run(loaded, kind, [rows[i] for i in batch])[:, [safe_id, unsafe_id]]
             require_finite(pair, self.name)
             for i, p in zip(batch, pair.softmax(-1)[:, 1].tolist()):
@@ -260,7 +261,8 @@ class LlamaGuardChecker(SafetyChecker):
         unsafe = [i for i, s in enumerate(scores) if s >= self.threshold]
         self.stats.update(unsafe_rows=len(unsafe))
         categories: dict[int, tuple[str, ...]] = {}
-        for batch in self._batches(unsafe, rows):  # the category line, for unsafe rows only
+        # the category line, for unsafe rows only
+        for batch in batches(unsafe, rows, self.batch_size, self.token_budget):
             answers = self._run(loaded, kind, [rows[i] + self._answer["unsafe"] for i in batch],
                                 new_tokens=self.category_tokens)
             for i, ids in zip(batch, answers):
@@ -304,19 +306,6 @@ class LlamaGuardChecker(SafetyChecker):
         context = tok.decode(ctx)
         ids = tok(text.strip(), add_special_tokens=False)["input_ids"]
         return [(tok.decode(w), context) for w in windows(ids, room - len(ctx))]
-
-    def _batches(self, order: list[int], rows: list[list[int]]):
-        """Runs of ``order`` within ``batch_size`` rows and ``token_budget`` padded tokens."""
-        batch, width = [], 0
-        for i in order:
-            wider = max(width, len(rows[i]))
-            if batch and (len(batch) == self.batch_size or wider * (len(batch) + 1) > self.token_budget):
-                yield batch
-                batch, wider = [], len(rows[i])
-            batch.append(i)
-            width = wider
-        if batch:
-            yield batch
 
     def _run(self, loaded, kind: Kind, rows: list[list[int]], new_tokens: int = 0):
         """One forward pass of ``prefix + row`` for each row, over the prefix KV cache expanded to the

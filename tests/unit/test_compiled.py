@@ -13,7 +13,7 @@ from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.engine.fast import FastEngine
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.testing.families import make_family_model
-from tests.conftest import chat_requests
+from tests.conftest import chat_requests, failing_compile
 
 torch = pytest.importorskip("torch")
 
@@ -61,13 +61,7 @@ def test_compiled_engine_gives_the_eager_tokens(tmp_path, quick_inductor, family
 
 def test_a_compile_failure_runs_eager_with_one_warning(loaded, monkeypatch, caplog):
     calls = []
-
-    def broken_compile(fn, **kwargs):
-        def run(*args, **kw):
-            calls.append(fn)
-            raise RuntimeError("inductor: no C++ compiler")
-        return run
-
+    broken_compile = failing_compile(calls)
     requests = chat_requests(loaded.tokenizer, 8, 12)
     params = GenerationParams(max_new_tokens=12, do_sample=False)
     eager = FastEngine(loaded, params, slots=4, steps_per_sync=3).generate(requests)

@@ -11,7 +11,7 @@ from airflow_hfllm.run.job import TextJob
 from airflow_hfllm.safety import KINDS, SafetyChecker, Verdict, make_checker
 from airflow_hfllm.safety.llama_guard import CATEGORIES, LlamaGuardChecker, parse_categories
 from airflow_hfllm.testing.models import make_tiny_model
-from tests.conftest import write_prompts
+from tests.conftest import failing_compile, write_prompts
 
 GREEDY = GenerationParams(max_new_tokens=10, do_sample=False)
 FORCED_CATEGORIES = ["Violent Crimes", "Hate"]  # the forced tiny model answers "unsafe\nS1,S10"
@@ -223,13 +223,7 @@ def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog)
     """compile=True where torch.compile fails (at its first call, as a real failure does): the lean verdict
     pass (pure) runs that call again eagerly, verdicts equal the eager checker's, later batches stay eager."""
     calls = []
-
-    def broken_compile(fn, **kwargs):
-        def run(*args, **kw):
-            calls.append(fn)
-            raise RuntimeError("inductor: no C++ compiler")
-        return run
-
+    broken_compile = failing_compile(calls)
     eager = guard(models, None)
     expected = [v.score for v in eager.check(TEXTS, "output", TEXTS[::-1])]
     monkeypatch.setattr(torch, "compile", broken_compile)

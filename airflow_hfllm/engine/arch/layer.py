@@ -28,6 +28,12 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def rope_parameters(config) -> dict:
+    """The text decoder's rope parameters (transformers 5's ``rope_parameters``, older ``rope_scaling``)."""
+    cfg = text_config(config)
+    return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+
+
 def prefill_attention():
     """SDPA backends for prefill: flash, then memory-efficient, then math. Not cuDNN: torch picks it on
     H100, and it builds an execution plan for every new shape on the host (2.8 ms per call measured),

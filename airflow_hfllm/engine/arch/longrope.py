@@ -19,10 +19,11 @@ holds long-factor keys and values only from then on. The fast engine does the sa
 
 from __future__ import annotations
 
+from airflow_hfllm.engine.arch.layer import rope_parameters
+
 
 def is_longrope(config) -> bool:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope = rope_parameters(config)
     return rope.get("rope_type", rope.get("type")) == "longrope"
 
 
