@@ -400,19 +400,20 @@ class FastEngine:
             return
         counts, outputs = self.n_gen[finished].tolist(), self.out[finished].tolist()
         records = self.logprobs.read(finished, max(counts)) if self.logprobs is not None else [None] * len(counts)
+        rows = [sched.release(s) for s in finished]
+        ends = [self._completion(ids[:n], row.request.max_new_tokens) for row, n, ids in zip(rows, counts, outputs)]
         completions = []
-        for s, n, ids, record in zip(finished, counts, outputs, records):
-            row = sched.release(s)
-            completion = self._completion(ids[:n], row.request.max_new_tokens)
+        for row, completion, ids, record in zip(rows, judged(self.constraint, ends), outputs, records):
             completion.logprob, completion.top_logprobs = self.columns(ids[:completion.output_tokens], record)
             completions.append((row.tag, completion))
         self.on_batch(len(finished), sum(c.output_tokens for _, c in completions))
         yield from completions
 
-    def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+    def _completion(self, ids: list[int], max_new_tokens: int) -> tuple[Completion, list[int]]:
+        """A finished row's completion, not yet judged by the constraint, and its output tokens."""
         finish = "length"
         if ids and ids[-1] in self.eos:
             ids, finish = ids[:-1], "stop"
         text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
         text, finish = cut_at_stop(text, finish, self.params.stop)
-        return judged(self.constraint, Completion(text, len(ids), finish), ids)
+        return Completion(text, len(ids), finish), ids

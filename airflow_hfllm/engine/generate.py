@@ -239,15 +239,21 @@ class BatchedGenerator:
             )
         generated = (out.sequences if p.logprobs is not None else out)[:, width:]
         records = steps_record(out.logits, generated, p.logprobs) if p.logprobs is not None else [None] * len(batch)
-        done = {}
-        for i, ids, record in zip(batch, generated.tolist(), records):
-            done[i] = completion = self._completion(ids, requests[i].max_new_tokens)
-            completion.logprob, completion.top_logprobs = self.columns(ids[:completion.output_tokens], record)
+        generated = generated.tolist()
+        done = dict(zip(batch, self._judged([(ids, requests[i].max_new_tokens) for i, ids in zip(batch, generated)])))
+        for i, ids, record in zip(batch, generated, records):
+            done[i].logprob, done[i].top_logprobs = self.columns(ids[:done[i].output_tokens], record)
         return done
 
-    def _completion(self, ids: list[int], max_new_tokens: int) -> Completion:
+    def _judged(self, outputs: list[tuple[list[int], int]]) -> list[Completion]:
+        """The completions of ``outputs`` (each a row's generated tokens and its ``max_new_tokens``), judged by
+        the job's constraint together."""
         from airflow_hfllm.engine.grammar import judged
 
+        return judged(self.constraint, [self._completion(ids, max_new) for ids, max_new in outputs])
+
+    def _completion(self, ids: list[int], max_new_tokens: int) -> tuple[Completion, list[int]]:
+        """A row's completion, not yet judged by the constraint, and its output tokens."""
         finish = "length"
         for n, token in enumerate(ids):
             if token in self.eos:
@@ -262,4 +268,4 @@ class BatchedGenerator:
         text, finish = cut_at_stop(text, finish, self.params.stop)
         if finish == "length" and count < max_new_tokens:
             finish = "stop"
-        return judged(self.constraint, Completion(text, count, finish), ids)
+        return Completion(text, count, finish), ids

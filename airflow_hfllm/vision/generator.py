@@ -103,7 +103,7 @@ class VisionGenerator(BatchedGenerator):
             warnings.simplefilter("ignore", UserWarning)
             out = model.generate(**inputs.to(device), **kwargs)
         generated = out[:, width:].tolist()
-        done = {i: self._completion(ids, requests[i].max_new_tokens) for i, ids in zip(rows, generated)}
+        done = dict(zip(rows, self._judged([(ids, requests[i].max_new_tokens) for i, ids in zip(rows, generated)])))
         return done | failed
 
     def _inputs(self, rows: list[int], requests: Sequence[Request]):
