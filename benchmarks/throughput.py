@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -504,6 +505,13 @@ def top_kernels(engine, requests, top: int = 12) -> str:
     return "\n".join(f"  {e.self_device_time_total / total:6.1%} {e.count:7d}x  {e.key[:110]}" for e in events[:top])
 
 
+def logical_shape(p) -> tuple:
+    """A weight's shape as the model multiplies by it: bitsandbytes packs a 4-bit [out, in] matrix into a
+    [out * in / 2, 1] byte column and keeps the real shape in its quant state."""
+    state = getattr(p, "quant_state", None)
+    return tuple(state.shape) if state is not None else tuple(p.shape)
+
+
 def active_params(model) -> int:
     """Weights one token multiplies by: every matrix but the embedding, experts at top-k / experts (the
     attention's own score and value FLOPs are left out)."""
@@ -514,7 +522,7 @@ def active_params(model) -> int:
     for name, p in model.named_parameters():
         if p.dim() < 2 or "embed_tokens" in name:
             continue
-        total += p.numel() * (share if ".experts." in name else 1.0)
+        total += math.prod(logical_shape(p)) * (share if ".experts." in name else 1.0)
     return int(total)
 
 
@@ -527,7 +535,7 @@ def matmul_rate(model, rows: int) -> float:
     for name, p in model.named_parameters():
         if p.dim() == 2 and "embed_tokens" not in name and ".experts." not in name and "router" not in name \
                 and not name.endswith("gate.weight"):
-            shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+            shapes[logical_shape(p)] = shapes.get(logical_shape(p), 0) + 1
     flops = seconds = 0.0
     for (out, inp), count in shapes.items():
         a = torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16)

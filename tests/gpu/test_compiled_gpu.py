@@ -15,7 +15,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from airflow_hfllm.testing.families import FAMILY_CONFIGS  # noqa: E402
 
 CASES = [(family, None) for family in FAMILY_CONFIGS] + [("llama", "fp8"), ("qwen3-moe", "fp8")]
-TOLERANCE = {None: 0.03, "fp8": 0.08}  # relative L2 error of the logits (bf16; FP8 rounds activations too)
+# Relative L2 error of the logits against the eager decoder: fused kernels round bf16 in another order,
+# which random tiny models (near-tied logits) amplify; measured on an H200 on 2026-12-02: 0.018-0.077 in
+# bf16 (gpt-oss's second prefill the worst), 0.06 for FP8 qwen3-moe and 0.11-0.17 for FP8 llama, where a
+# fused per-token activation scale rounds a few e4m3 values to the next step (6%). A wrong kernel errs by
+# ~1. The exact check is the fp32 engine test below (greedy tokens).
+TOLERANCE = {None: 0.1, "fp8": 0.25}
 
 
 def relative_error(got, want) -> float:
