@@ -1,6 +1,8 @@
 """A constrained batch on the fast engine on a GPU: CUDA graphs with the grammar's mask work overlapping
 each step's forward pass (``engine/steps.py``) against the eager path, and the overlapped host work free of
-host syncs. fp32 with TF32 off, so that graphs and eager run the same arithmetic."""
+host syncs (fp32 with TF32 off, so that graphs and eager run the same arithmetic). Then the CPU tests of
+issue 18's contract (200 rows under a JSON schema, choices, rows cut short) on both engines with the GPU's
+defaults (bf16, CUDA graphs, overlapped mask work)."""
 
 import pytest
 
@@ -12,6 +14,7 @@ from airflow_hfllm.engine.fast import FastEngine  # noqa: E402
 from airflow_hfllm.engine.grammar import Constraint  # noqa: E402
 from airflow_hfllm.engine.loading import get_model  # noqa: E402
 from tests.conftest import chat_requests  # noqa: E402
+from tests.unit import test_constrained as cpu  # noqa: E402
 from tests.unit.test_constrained import SCHEMA, valid  # noqa: E402
 
 
@@ -65,3 +68,13 @@ def test_overlapped_and_serial_steps_agree_on_a_gpu(fp32):
     agree = sum(a == b for a, b in zip(texts(overlapped), texts(serial))) / len(reqs)
     print(f"\noverlapped and serial steps agree on {agree:.0%} of {len(reqs)} rows")
     assert agree >= 0.95
+
+
+@pytest.mark.parametrize("engine", cpu.ENGINES)
+def test_the_cpu_contract_holds_on_a_gpu(tiny_lm, engine):
+    loaded = get_model(ModelSpec(tiny_lm))
+    assert loaded.device.type == "cuda"
+    cpu.test_200_rows_under_a_json_schema_parse_and_validate(loaded, engine)
+    for sample in (True, False):
+        cpu.test_choices_are_the_only_outputs(loaded, engine, sample)
+    cpu.test_a_row_cut_before_its_grammar_completes_ends_in_length_with_an_error(loaded, engine)
