@@ -52,7 +52,8 @@ def device_and_dtype(spec: ModelSpec):
 def quantization_config(spec: ModelSpec, device, dtype):
     """``BitsAndBytesConfig`` for ``spec`` (``None`` when not quantized by bitsandbytes), after checking that
     ``device`` can run the mode: the installed bitsandbytes for 8bit and 4bit, FP8 matmuls for fp8 (whose
-    weights are quantized after loading: :func:`airflow_hfllm.engine.fp8.quantize_model`).
+    weights are quantized while loading, ``engine/streamed.py``, or after it,
+    :func:`~airflow_hfllm.engine.fp8.quantize_model`).
 
     :raises ImportError: bitsandbytes is not installed.
     :raises RuntimeError: this device cannot run the mode (no kernel or native library; no FP8 matmuls).
@@ -177,7 +178,16 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
         f"{spec.quantization}{' double-quant' if spec.double_quant else ''}" if spec.quantization else None,
         f"{spec.adapter} ({'merged' if spec.merge_adapter else 'not merged'})" if spec.adapter else None, device,
     )
-    model = auto_class.from_pretrained(spec.model, **kwargs)
+    model = None
+    if spec.quantization == "fp8" and not adapter and "config" in kwargs and quant_method(kwargs["config"]) is None:
+        from airflow_hfllm.engine import streamed
+
+        quantized = time.monotonic()
+        model = streamed.load(auto_class, spec.model, kwargs["config"], common, device, dtype)
+        if model is not None:
+            log.info("%s: loaded layer by layer into FP8 in %.1f s", spec.model, time.monotonic() - quantized)
+    streamed_fp8 = model is not None
+    model = model or auto_class.from_pretrained(spec.model, **kwargs)
     if checkpoint_fp8 is not None and checkpoint_fp8.dequantize:
         log.info("%s: FP8 checkpoint dequantized to %s (FP8 is kept for dense models without an adapter on a "
                  "GPU with FP8 matmuls)", spec.model, str(dtype).removeprefix("torch."))
@@ -187,7 +197,7 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
         log.info("%s: its %d FP8 linear layers kept in FP8", spec.model, adopt(model))
     if adapter:
         model = attach_adapter(model, spec, adapter)
-    if spec.quantization == "fp8":  # after merging an adapter: it merges into the load-dtype weights
+    if spec.quantization == "fp8" and not streamed_fp8:  # after merging an adapter, into the load-dtype weights
         from airflow_hfllm.engine.fp8 import quantize_model
 
         quantized = time.monotonic()

@@ -123,7 +123,7 @@ def test_cli_fp8_job_and_its_fingerprint(tiny_lm, tmp_path, caplog, capsys):
         assert main([*job, "--quantization", "fp8", "--engine", "fast"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["model"]["quantization"] == "fp8" and manifest["engine"] == "fast"
-    assert "quantization=fp8" in caplog.text and "linear layers quantized to FP8" in caplog.text
+    assert "quantization=fp8" in caplog.text and "loaded layer by layer into FP8" in caplog.text
     rows = pd.read_parquet(tmp_path / "out")
     assert len(rows) == 6 and rows.output.str.split().str.len().min() >= 4
 
