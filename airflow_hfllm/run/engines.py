@@ -102,7 +102,6 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
     ``generate()``; the log says which and why. With ``compile="auto"``, a text job of at least
     ``COMPILE_MIN_TOKENS`` (most) ``output_tokens`` on a GPU compiles the fast engine's layers
     (``engine/compiled.py``), unless bitsandbytes quantized them."""
-    from airflow_hfllm.engine.arch.longrope import is_longrope
     from airflow_hfllm.engine.choices import ChoiceScorer
     from airflow_hfllm.engine.compiled import COMPILE_MIN_TOKENS
     from airflow_hfllm.engine.fast import unsupported_reason
@@ -114,9 +113,6 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
     reason = "asked for" if config.engine == "batched" else unsupported_reason(loaded, kind.vision)
     if reason is None and config.engine == "auto" and loaded.device.type != "cuda":
         reason = "no GPU (the fast engine's CUDA graphs need one)"
-    if reason is None and config.engine == "auto" and is_longrope(loaded.model.config):
-        # exact on the CPU, but 88% of rows agree on a GPU in fp32 where other families reach 100% (docs/design.md)
-        reason = "LongRoPE runs on the fast engine only with engine='fast' until its GPU test agrees"
     if reason is None:
         # bitsandbytes' kernels break torch.compile's graphs: the 7B 4-bit batch ran 10,848 -> 6,395 tok/s compiled
         compile = {"on": True, "off": False}.get(
