@@ -3,11 +3,11 @@
 ``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest row.
 Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting row is
 prefilled into it, so the batch stays full. A decode step is the model's own modules over a KV cache of
-fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, ``steps_per_sync`` steps are
-captured once into a CUDA graph and replayed: one launch instead of thousands of kernels. Sampling is on
-the device with a counter-based hash as its random source: row r's token at step t depends on (seed, row
-id, t) only, not on its batch, and no host sync is needed per step. The host syncs once per replay
-to harvest finished rows and admit new ones (under a grammar, one step in two graphs: ``engine/steps.py``).
+fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, one step is captured once into
+a CUDA graph, replayed ``steps_per_sync`` times between host syncs: a launch instead of hundreds of kernels.
+Sampling is on the device with a counter-based hash as its random source: row r's token at step t depends
+on (seed, row id, t) only, not on its batch, and no host sync is needed per step. The host syncs once per
+``steps_per_sync`` steps to harvest finished rows and admit new ones (under a grammar, one step in two graphs: ``engine/steps.py``).
 Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
 pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 
@@ -213,8 +213,9 @@ class FastEngine:
             with torch.inference_mode():
                 self._steps(self.steps_per_sync)
             return
-        self._graph = self._graph or Captured(self, lambda: self._steps(1), lambda _: self._steps(self.steps_per_sync))
-        self._graph(0)
+        self._graph = self._graph or Captured(self, lambda: self._steps(1), lambda _: self._steps(1))
+        for _ in range(self.steps_per_sync):
+            self._graph(0)
 
     # -- scheduling ----------------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], seed: int | None = None, keys: Sequence | None = None
