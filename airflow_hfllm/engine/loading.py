@@ -179,7 +179,8 @@ def _load(spec: ModelSpec, hub: HubOptions | None) -> LoadedModel:
         f"{spec.adapter} ({'merged' if spec.merge_adapter else 'not merged'})" if spec.adapter else None, device,
     )
     model = None
-    if spec.quantization == "fp8" and not adapter and "config" in kwargs and quant_method(kwargs["config"]) is None:
+    if spec.quantization == "fp8" and not adapter and not spec.trust_remote_code and "config" in kwargs \
+            and quant_method(kwargs["config"]) is None:  # a plain checkpoint of a transformers architecture
         from airflow_hfllm.engine import streamed
 
         quantized = time.monotonic()
