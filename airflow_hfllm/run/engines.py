@@ -113,6 +113,9 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
     reason = "asked for" if config.engine == "batched" else unsupported_reason(loaded, kind.vision)
     if reason is None and config.engine == "auto" and loaded.device.type != "cuda":
         reason = "no GPU (the fast engine's CUDA graphs need one)"
+    if reason is None and config.engine == "auto" and getattr(loaded.model, "is_loaded_in_8bit", False):
+        # correct on an H200 (tests/gpu/test_quantized_gpu.py), but its steps run without CUDA graphs: unmeasured
+        reason = "bitsandbytes 8-bit runs on the fast engine only with engine='fast' until its speed is measured"
     if reason is None:
         # bitsandbytes' kernels break torch.compile's graphs: the 7B 4-bit batch ran 10,848 -> 6,395 tok/s compiled
         compile = {"on": True, "off": False}.get(
