@@ -35,6 +35,7 @@ from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
 from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
 from airflow_hfllm.engine.arch.longrope import recompute
+from airflow_hfllm.engine.decoding import output_text
 from airflow_hfllm.engine.grammar import constraint, judged
 from airflow_hfllm.engine.sampling import Sampler, row_seed
 from airflow_hfllm.engine.scheduler import Row, Scheduler
@@ -415,6 +416,5 @@ class FastEngine:
         finish = "length"
         if ids and ids[-1] in self.eos:
             ids, finish = ids[:-1], "stop"
-        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
-        text, finish = cut_at_stop(text, finish, self.params.stop)
+        text, finish = cut_at_stop(output_text(self.loaded.tokenizer, ids), finish, self.params.stop)
         return Completion(text, len(ids), finish), ids

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from airflow_hfllm.engine.cache import free_memory
 from airflow_hfllm.engine.loading import LoadedModel
+from airflow_hfllm.engine.decoding import output_text
 from airflow_hfllm.engine.logprobs import Columns, steps_record
 from airflow_hfllm.config import GenerationParams
 
@@ -263,7 +264,7 @@ class BatchedGenerator:
             ids = ids[:-1]
         if len(ids) > max_new_tokens:  # this row asked for fewer tokens than the batch's longest
             ids, finish = ids[:max_new_tokens], "length"
-        text = self.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+        text = output_text(self.loaded.tokenizer, ids)
         count = len(ids)
         text, finish = cut_at_stop(text, finish, self.params.stop)
         if finish == "length" and count < max_new_tokens:
