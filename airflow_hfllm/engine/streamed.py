@@ -113,7 +113,7 @@ def load(auto_class, model_name: str, config, common: dict, device, dtype):
     stack.layers = torch.nn.ModuleList()  # the one built above goes
     rest = model.state_dict()
     tied = {name for name in rest if name not in files and _tied(model, name)}
-    wanted = [f"{prefix}{i}.{name}" for i in range(layers) for name in _layer_names(layer_class, full, dtype)]
+    wanted = [f"{prefix}{i}.{name}" for i in range(layers) for name in _layer_names(layer_class, full, dtype, i)]
     missing = sorted(set(rest) - tied - set(files)) + [name for name in wanted if name not in files]
     if missing:
         return _not(model_name, f"the checkpoint names its tensors otherwise ({missing[0]!r} is not in it)")
@@ -141,12 +141,13 @@ def load(auto_class, model_name: str, config, common: dict, device, dtype):
     return model
 
 
-def _layer_names(layer_class, config, dtype) -> list[str]:
-    """A decoder layer's state-dict names (built on meta: no memory)."""
+def _layer_names(layer_class, config, dtype, index: int) -> list[str]:
+    """Decoder layer ``index``'s state-dict names (built on meta: no memory; layers may differ, as a MoE
+    model's dense layers do)."""
     import torch
 
     with torch.device("meta"), default_dtype(dtype):
-        return list(layer_class(config, layer_idx=0).state_dict())
+        return list(layer_class(config, layer_idx=index).state_dict())
 
 
 def _tied(model, name: str) -> bool:
