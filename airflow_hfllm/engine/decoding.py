@@ -3,7 +3,8 @@
 Special tokens are dropped, as ``decode(skip_special_tokens=True)`` does, except that gpt-oss's harmony
 format keeps its meaning. gpt-oss writes its reasoning and its answer as messages on channels::
 
-    <|channel|>analysis<|message|>…reasoning…<|end|><|start|>assistant<|channel|>final<|message|>…answer…<|return|>
+    <|channel|>analysis<|message|>…reasoning…<|end|>
+    <|start|>assistant<|channel|>final<|message|>…answer…<|return|>
 
 Dropping the special tokens alone would leave ``analysis…reasoning…assistantfinal…answer``. The analysis
 channel becomes a ``<think>`` block before the rest (``final``, or ``commentary``), which is how Qwen3 and
@@ -12,6 +13,8 @@ DeepSeek-R1 write theirs, so ``reasoning=True`` moves it into the ``reasoning`` 
 """
 
 from __future__ import annotations
+
+import functools
 
 CHANNEL, MESSAGE, START = "<|channel|>", "<|message|>", "<|start|>"
 ENDS = ("<|end|>", "<|return|>", "<|call|>")
@@ -47,6 +50,7 @@ def output_text(tokenizer, ids: list[int]) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=16)  # once per tokenizer, not per output row: its added vocabulary is a new dict
 def _harmony(tokenizer) -> dict[str, int] | None:
     """The harmony special tokens' ids of ``tokenizer``, or ``None`` when it has no channels."""
     vocab = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}

@@ -4,10 +4,10 @@
 Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting row is
 prefilled into it, so the batch stays full. A decode step is the model's own modules over a KV cache of
 fixed shape ``[slots, kv_heads, max_len, head_dim]`` per layer; on CUDA, one step is captured once into
-a CUDA graph, replayed ``steps_per_sync`` times between host syncs: a launch instead of hundreds of kernels.
-Sampling is on the device with a counter-based hash as its random source: row r's token at step t depends
-on (seed, row id, t) only, not on its batch, and no host sync is needed per step. The host syncs once per
-``steps_per_sync`` steps to harvest finished rows and admit new ones (under a grammar, one step in two graphs: ``engine/steps.py``).
+a CUDA graph, replayed ``steps_per_sync`` times between host syncs, which harvest finished rows and admit
+new ones (under a grammar, one step in two graphs: ``engine/steps.py``). Sampling is on the device with a
+counter-based hash as its random source: row r's token at step t depends on (seed, row id, t) only, not on
+its batch, and no host sync is needed per step.
 Here is the runner; which rows wait and which slot each holds is ``engine/scheduler.py``, the forward
 pass :class:`~airflow_hfllm.engine.decoder.Decoder`, the sampler ``engine/sampling.py``.
 

@@ -32,8 +32,7 @@ def checkpoint_files(model: str, common: dict) -> dict[str, str] | None:
     holding the revision and hub options) and the local file holding it; ``None`` without one."""
     from transformers.utils import cached_file
 
-    options = dict(common, _raise_exceptions_for_missing_entries=False)
-    options.pop("trust_remote_code", None)
+    options = dict(_hub(common), _raise_exceptions_for_missing_entries=False)
     index = cached_file(model, INDEX, **options)
     if index is not None:
         with open(index, encoding="utf-8") as f:

@@ -52,6 +52,16 @@ def window(family: str) -> int | None:
     return extra.get("sliding_window") or extra.get("text_config", {}).get("sliding_window")
 
 
+def reference_params(family: str, params):
+    """The ``generate()`` parameters of ``family``'s reference run. LongRoPE's runs without a KV cache: each
+    step past the original context runs the whole sequence on the long factors, which is what Phi-3's cache
+    recompute amounts to (transformers 5.17 drops the cache at the crossing but feeds that step its last token
+    alone, and gets other tokens after it)."""
+    import dataclasses
+
+    return dataclasses.replace(params, use_cache=False) if family == "phi3-longrope" else params
+
+
 def make_family_model(path: str | os.PathLike, family: str, *, seed: int = 0) -> pathlib.Path:
     """Write a tiny random model of ``family`` (a key of :data:`FAMILY_CONFIGS`) and its tokenizer."""
     import torch

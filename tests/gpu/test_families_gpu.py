@@ -2,8 +2,6 @@
 fp32 with TF32 off, the first 32 greedy tokens agree with transformers generate() on >= 95% of rows.
 Run with ``-s`` to see the rates."""
 
-import dataclasses
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -19,7 +17,7 @@ def test_family_agrees_with_generate(tmp_path, family):
     from airflow_hfllm.engine.generate import BatchedGenerator, Request
     from airflow_hfllm.engine.loading import get_model
     from airflow_hfllm.engine.prompts import encode
-    from airflow_hfllm.testing.families import make_family_model
+    from airflow_hfllm.testing.families import make_family_model, reference_params
     from tests.conftest import prompt_text
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -30,10 +28,7 @@ def test_family_agrees_with_generate(tmp_path, family):
     requests = [Request(encode(loaded.tokenizer, [{"role": "user", "content": prompt_text(i)}]), new)
                 for i in range(n)]
     params = GenerationParams(max_new_tokens=new, do_sample=False)
-    # LongRoPE: without a cache, as tests/unit/test_families.py says why (transformers 5.17's cached generate()
-    # feeds the crossing step its last token alone)
-    uncached = dataclasses.replace(params, use_cache=False) if family == "phi3-longrope" else params
-    reference = BatchedGenerator(loaded, uncached, max_batch_size=1).generate(requests)
+    reference = BatchedGenerator(loaded, reference_params(family, params), max_batch_size=1).generate(requests)
     engine = FastEngine(loaded, params, slots=16, steps_per_sync=8)
     fast = engine.generate(requests)
     rate = sum(a.text == b.text for a, b in zip(reference, fast)) / n

@@ -3,8 +3,6 @@ from_pretrained: greedy tokens equal transformers generate() exactly (CPU, fp32)
 leaving slots; windowed families run sequences of at least 3x their window, and the longrope config's rows
 start below and above its original context and cross it while decoding."""
 
-import dataclasses
-
 import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
@@ -12,7 +10,8 @@ from airflow_hfllm.engine.arch import FAMILIES
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator
 from airflow_hfllm.engine.loading import get_model
-from airflow_hfllm.testing.families import FAMILY_CONFIGS, LONGROPE_CONTEXT, WINDOW, make_family_model, to_mxfp4, window
+from airflow_hfllm.testing.families import (FAMILY_CONFIGS, LONGROPE_CONTEXT, WINDOW, make_family_model,
+                                            reference_params, to_mxfp4, window)
 from tests.conftest import chat_requests
 
 ROWS, NEW = 20, 40
@@ -34,11 +33,7 @@ def equal_to_generate(loaded, family):
     assert FAMILIES[loaded.model.config.model_type].fast and unsupported_reason(loaded) is None
     requests = chat_requests(loaded.tokenizer, ROWS, NEW)
     params = GenerationParams(max_new_tokens=NEW, do_sample=False)
-    # LongRoPE's reference runs without a KV cache: every step past the original context runs the whole
-    # sequence on the long factors, which is what Phi-3's cache recompute amounts to. (transformers 5.17,
-    # the GPU machine's, drops the cache at the crossing but feeds the last token alone: wrong tokens after it.)
-    uncached = dataclasses.replace(params, use_cache=False) if family == "phi3-longrope" else params
-    reference = BatchedGenerator(loaded, uncached, max_batch_size=1).generate(requests)
+    reference = BatchedGenerator(loaded, reference_params(family, params), max_batch_size=1).generate(requests)
     assert sum(c.output_tokens >= 24 for c in reference) >= 0.8 * ROWS
     assert len({c.text for c in reference}) >= 0.9 * ROWS
     if window(family):  # most rows cross the window three times
@@ -79,10 +74,12 @@ def test_longrope_rows_crossing_the_original_context(family_models, monkeypatch)
     long factors (Phi-3's prepare_inputs_for_generation), and so does the engine, that step's token going
     through the penalties, the log-probabilities and a grammar as any other; with per-row factors alone (no
     row waiting for the recompute) every one of those rows gives other tokens than generate(). The reference
-    runs without a cache (the whole sequence each step, as the recompute does; see equal_to_generate)."""
+    runs without a cache (the whole sequence each step, as the recompute does: reference_params)."""
     from airflow_hfllm.engine.arch.longrope import LongRope
 
-    loaded = get_model(ModelSpec(family_models("phi3-longrope")))
+    family = "phi3-longrope"
+
+    loaded = get_model(ModelSpec(family_models(family)))
     requests = [r for r in chat_requests(loaded.tokenizer, ROWS, NEW)
                 if len(r.input_ids) <= LONGROPE_CONTEXT <= len(r.input_ids) + NEW - 2]
 
@@ -91,8 +88,7 @@ def test_longrope_rows_crossing_the_original_context(family_models, monkeypatch)
 
     params = GenerationParams(max_new_tokens=NEW, do_sample=False, repetition_penalty=1.1, presence_penalty=0.5,
                               frequency_penalty=0.3, logprobs=3)
-    reference = BatchedGenerator(loaded, dataclasses.replace(params, use_cache=False), max_batch_size=1).generate(
-        requests)
+    reference = BatchedGenerator(loaded, reference_params(family, params), max_batch_size=1).generate(requests)
     assert crossing(reference) == len(requests) >= 3
     fast = FastEngine(loaded, params, slots=2, steps_per_sync=4).generate(requests)
     assert [c.text for c in fast] == [c.text for c in reference]
@@ -100,8 +96,8 @@ def test_longrope_rows_crossing_the_original_context(family_models, monkeypatch)
         assert [t["logprob"] for t in a.top_logprobs] == pytest.approx([t["logprob"] for t in b.top_logprobs], abs=1e-4)
     # sentences of 10-40 characters: a token the matcher missed around the recompute would move the periods
     grammar = GenerationParams(max_new_tokens=NEW, do_sample=False, regex=r"([a-z ]{10,40}\.){3}")
-    reference_under_grammar = BatchedGenerator(loaded, dataclasses.replace(grammar, use_cache=False),
-                                               max_batch_size=1).generate(requests)
+    reference_under_grammar = BatchedGenerator(loaded, reference_params(family, grammar), max_batch_size=1).generate(
+        requests)
     assert crossing(reference_under_grammar) >= 2
     fast = FastEngine(loaded, grammar, slots=2).generate(requests)
     assert [c.text for c in fast] == [c.text for c in reference_under_grammar]
