@@ -24,7 +24,11 @@ generation run, one after the other:
   (`save_pretrained`, safetensors) into a temporary folder next to its tokenizer and loaded back through
   the package's loader (bf16 on a GPU), as a job loads `classifier:FOLDER`. Its attention runs through
   SDPA (`safety/deberta.py`, the checker's default `fast=True`).
-- `classifier-eager`: the same model through transformers' own (eager) DeBERTa attention (`fast=False`).
+  The forward pass is compiled (`torch.compile`, dynamic shapes; the checker's default on CUDA when the
+  caller says nothing of the run's size), its compile in the warm-up.
+- `classifier-sdpa`: the same, not compiled (`compile=False`).
+- `classifier-eager`: the same model through transformers' own (eager) DeBERTa attention (`fast=False`),
+  not compiled.
 
 There is no Llama 3 (or DeBERTa sentencepiece) tokenizer offline: the checkers read with the tiny Llama
 Guard tokenizer of `airflow_hfllm.testing.text` (trained on the Llama Guard 3 prompt, so the template
@@ -78,7 +82,7 @@ MODES = {  # generator shape, Llama Guard shape, classifier shape, rows
     "small": ("0.5b", "1b", "base", 128),
     "tiny": ("tiny", "tiny", "tiny", 8),
 }
-CHECKERS = ("llama-guard", "llama-guard-fp8", "classifier", "classifier-eager")
+CHECKERS = ("llama-guard", "llama-guard-fp8", "classifier", "classifier-sdpa", "classifier-eager")
 BAR = 0.10
 TARGETS = {"llama-guard-fp8": 0.75, "classifier": 0.15}  # issue 17: seconds of checks of the standard batch
 
@@ -231,7 +235,8 @@ def bench_checker(name: str, shapes: tuple[str, str], device, dtype, folder: str
                              compile=False if args.eager_checker else None,
                              quantization="fp8" if name.endswith("fp8") else None)
     return classifier_checker(shapes[1], device, dtype, folder, batch_size=args.classifier_batch_size,
-                              token_budget=args.classifier_token_budget, fast=name == "classifier")
+                              token_budget=args.classifier_token_budget, fast=name != "classifier-eager",
+                              compile=None if name == "classifier" and not args.eager_checker else False)
 
 
 def describe(name: str, checker, loaded) -> dict:
@@ -243,7 +248,7 @@ def describe(name: str, checker, loaded) -> dict:
     model = loaded.model
     backbone = sum(p.numel() for n, p in model.named_parameters() if "word_embeddings" not in n)
     return dict(batch_size=checker.batch_size, token_budget=checker.token_budget, dtype=str(loaded.dtype)[6:],
-                attention="SDPA (safety/deberta.py)" if checker.lean
+                compiled=checker.compiled, attention="SDPA (safety/deberta.py)" if checker.lean
                 else f"transformers' {model.config._attn_implementation}",
                 backbone_params=backbone)
 
@@ -377,7 +382,7 @@ def table(r: dict) -> str:
                 f"- {name}: DebertaV2ForSequenceClassification, deberta-v3 {r['classifier_shape']} shape "
                 f"({c['backbone_params'] / 1e6:.1f}M parameters besides the word embeddings), {c['dtype']}, "
                 f"{c['attention']} attention; rows by length, token budget {c['token_budget']}, "
-                f"batch <= {c['batch_size']}; warm-up {c['warmup_s']} s")
+                f"batch <= {c['batch_size']}; {'compiled' if c.get('compiled') else 'eager'}; warm-up {c['warmup_s']} s")
     lines += [
         "",
         "| checker | prompts s | outputs s | safety s | % of generation | tokens read | tokens/s | TFLOP/s |",
@@ -423,7 +428,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="append the result as a JSON line to this file")
     parser.add_argument("--profile", default=None,
                         help="append torch.profiler tables of each checker's checks to this file")
-    parser.add_argument("--eager-checker", action="store_true", help="no torch.compile for Llama Guard")
+    parser.add_argument("--eager-checker", action="store_true",
+                        help="no torch.compile for Llama Guard and the classifier")
     parser.add_argument("--transformers-forward", action="store_true",
                         help="Llama Guard verdicts through transformers' forward, not the lean pass")
     args = parser.parse_args()

@@ -73,6 +73,27 @@ def chat_requests(tokenizer, n: int, new) -> list:
     return [Request(encode(tokenizer, [{"role": "user", "content": prompt_text(i)}]), tokens(i)) for i in range(n)]
 
 
+@pytest.fixture
+def quick_inductor():
+    """Inductor set to compile fast on the CPU (in process, scalar C++): a test checks what is compiled and
+    what it computes, not the CPU's SIMD code."""
+    import torch._inductor.config as inductor
+
+    with inductor.patch({"cpp.vec_isa_ok": False, "compile_threads": 1}):
+        yield
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls in full precision on a GPU for the test's duration (TF32 off)."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def failing_compile(calls: list):
     """A stand-in for ``torch.compile`` whose compiled functions fail at their first call, as a real compile
     failure does (no C++ compiler); each call appends the function to ``calls``."""

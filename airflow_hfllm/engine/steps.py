@@ -44,6 +44,8 @@ class Captured:
     def __init__(self, engine, warm_up: Callable[[], None], *parts: Callable):
         import torch
 
+        # The prefills queued before: not this capture's time (torch.cuda.graph waits for them anyway).
+        torch.cuda.synchronize(engine.device)
         started, compiled = time.monotonic(), engine.decoder.compiler.seconds  # the warm-up step compiles
         state = [t for t in (engine.tokens, engine.pos, engine.n_gen, engine.done, engine.out, engine.presence,
                              engine.counts) if t is not None]
@@ -54,6 +56,8 @@ class Captured:
         with torch.cuda.stream(stream), torch.inference_mode():
             warm_up()
         current.wait_stream(stream)
+        torch.cuda.synchronize(engine.device)
+        warmed = time.monotonic()
         self.graphs, self.outputs, out = [], [], None
         for part in parts:
             graph, pool = torch.cuda.CUDAGraph(), self.graphs[0].pool() if self.graphs else None
@@ -64,8 +68,8 @@ class Captured:
         for t, s in zip(state, saved):
             t.copy_(s)
         engine.capture_seconds += time.monotonic() - started - (engine.decoder.compiler.seconds - compiled)
-        log.info("fast engine: captured %d CUDA graph(s) of decode steps in %.1f s", len(parts),
-                 time.monotonic() - started)
+        log.info("fast engine: captured %d CUDA graph(s) of decode steps in %.2f s after a warm-up step of %.2f s "
+                 "(first kernel launches, autotuning)", len(parts), time.monotonic() - warmed, warmed - started)
 
     def __call__(self, part: int) -> None:
         self.graphs[part].replay()

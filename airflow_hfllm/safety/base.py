@@ -11,6 +11,20 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["prompt", "output"]
 
+# Texts a run must have for compiling a model checker (Llama Guard's pass, a classifier) to pay, when its
+# ``compile`` is left to the default: Llama Guard's compile took 40-90 s per process on an H100/H200
+# (inductor's disk cache warm / cold) and saved ~0.45 s per 1,024 checks of the standard batch
+# (docs/benchmarks.md), so it pays from ~100k rows.
+COMPILE_MIN_TEXTS = 200_000
+
+
+def compiles(compile: bool | None, expected: int | None, device_type: str) -> bool:
+    """Whether a checker compiles its model: as ``compile`` says, else on CUDA for a run expecting
+    (:meth:`SafetyChecker.expect`) at least ``COMPILE_MIN_TEXTS`` texts, or not saying."""
+    if compile is not None:
+        return compile
+    return device_type == "cuda" and (expected is None or expected >= COMPILE_MIN_TEXTS)
+
 
 @dataclass(frozen=True)
 class Verdict:

@@ -110,21 +110,23 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
         rel_pos = relative_pos.reshape(w, w).to(device=q.device, dtype=torch.long)  # bucketed i - j
         span = self.pos_ebd_size
         rel = self.pos_dropout(rel_embeddings)[:2 * span]
-        index = (rel_pos + span).clamp(0, 2 * span - 1)  # index[i, j]: the bucket of i - j
-        # rows of the bias padded to 8 elements: SDPA's memory-efficient kernel takes it as is (an unaligned
-        # one it copies into an aligned one first)
-        bias = torch.empty(b, heads, w, -(-w // 8) * 8, dtype=q.dtype, device=q.device)[..., :w]
+        index = (rel_pos + span).clamp(0, 2 * span - 1).expand(b, heads, w, w)  # [i, j]: the bucket of i - j
+        terms = []  # (scores by position, the dim to gather along)
         if "c2p" in kinds:  # query i . position key of (i - j)
             pos_k = (self.key_proj(rel) if self.share_att_key else self.pos_key_proj(rel)).view(2 * span, heads, -1)
-            c2p = torch.einsum("bhid,phd->bhip", q * scale, pos_k)
-            torch.gather(c2p, -1, index.expand(b, heads, w, w), out=bias)
+            terms.append((torch.einsum("bhid,phd->bhip", q * scale, pos_k), -1))
         if "p2c" in kinds:  # key j . position query of (i - j), as transformers' p2c gathers it
             pos_q = (self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel)).view(2 * span, heads, -1)
-            p2c = torch.einsum("phd,bhjd->bhpj", pos_q, k * scale)  # positions first: gathered along dim -2
-            if "c2p" in kinds:
-                bias.add_(torch.gather(p2c, -2, index.expand(b, heads, w, w)))
-            else:
-                torch.gather(p2c, -2, index.expand(b, heads, w, w), out=bias)
+            terms.append((torch.einsum("phd,bhjd->bhpj", pos_q, k * scale), -2))  # positions first: along dim -2
+        if torch.compiler.is_compiling():  # inductor fuses the gathers and the sum, and aligns the bias for SDPA
+            bias = sum(torch.gather(x, dim, index) for x, dim in terms)
+        else:
+            # rows of the bias padded to 8 elements: SDPA's memory-efficient kernel takes it as is (an
+            # unaligned one it copies into an aligned one first)
+            bias = torch.empty(b, heads, w, -(-w // 8) * 8, dtype=q.dtype, device=q.device)[..., :w]
+            torch.gather(*terms[0], index, out=bias)
+            for x, dim in terms[1:]:
+                bias.add_(torch.gather(x, dim, index))
     if bias is None:
         mask = keep
     else:

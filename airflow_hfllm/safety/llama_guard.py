@@ -30,7 +30,8 @@ from airflow_hfllm.engine.compiled import compile_failed
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, require_finite, windows
+from airflow_hfllm.safety.base import (COMPILE_MIN_TEXTS, Kind, SafetyChecker, Verdict, batches, compiles,
+                                       require_finite, windows)
 from airflow_hfllm.safety.verdict_pass import VerdictPass
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,6 @@ LLAMA3_TURN = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<
 # SDPA kernels for the checker's passes on a GPU: not cuDNN's, which builds a plan for every new shape
 # (and every batch of every chunk has new widths); the mem-efficient kernel takes the padding mask as is.
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-# Texts a run must have for compiling the checker to pay, when ``compile`` is left to the default:
-# the compile took 40-90 s per process on an H100/H200 (inductor's disk cache warm / cold) and saved
-# ~0.45 s per 1,024 checks of the standard batch (docs/benchmarks.md), so it pays from ~100k rows.
-COMPILE_MIN_TEXTS = 200_000
 # Stand-ins for the conversation's texts while rendering the template once per kind.
 SLOTS = ("\u27e6context\u27e7", "\u27e6text\u27e7")
 
@@ -132,11 +129,6 @@ class LlamaGuardChecker(SafetyChecker):
     def expect(self, texts: int) -> None:
         self._expected = texts
 
-    def _should_compile(self, device_type: str) -> bool:
-        if self.compile is not None:
-            return self.compile
-        return device_type == "cuda" and (self._expected is None or self._expected >= COMPILE_MIN_TEXTS)
-
     def load(self):
         loaded = get_model(self.spec, self.hub)
         if self._loaded is loaded:
@@ -154,7 +146,7 @@ class LlamaGuardChecker(SafetyChecker):
         # logits_to_keep it gets a strided [rows, 1, hidden] view, which cuBLAS runs as a batched GEMV
         # re-reading the whole vocab matrix per row).
         self._decoder, self._head = model.get_decoder(), model.get_output_embeddings()
-        compile_on = self._should_compile(loaded.device.type)
+        compile_on = compiles(self.compile, self._expected, loaded.device.type)
         if self.compile is None and loaded.device.type == "cuda":
             log.info("llama guard %s: %s (%s texts expected; compiling pays from %d)", self.spec.model,
                      "compiled" if compile_on else "eager", self._expected, COMPILE_MIN_TEXTS)

@@ -99,14 +99,6 @@ def test_compiled_decoder_agrees_with_eager_in_a_cuda_graph(tmp_path, family, qu
     assert max(errors) < TOLERANCE[quantization]
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3-text", "qwen3-moe", "gpt-oss"])
 def test_compiled_fast_engine_gives_the_eager_tokens(tmp_path, no_tf32, family):
     from torch._dynamo.utils import counters

@@ -21,14 +21,6 @@ ROWS, NEW = 6, 16
 FAILED = "torch.compile failed (RuntimeError: inductor: no C++ compiler); running eager"
 
 
-@pytest.fixture
-def quick_inductor():
-    import torch._inductor.config as inductor
-
-    with inductor.patch({"cpp.vec_isa_ok": False, "compile_threads": 1}):
-        yield
-
-
 def graphs(piece) -> int:
     """Graphs dynamo holds for a compiled piece's code (shared by every decoder of the process)."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list

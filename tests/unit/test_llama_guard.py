@@ -236,19 +236,22 @@ def test_a_decoder_that_fails_to_compile_runs_eager(models, monkeypatch, caplog)
 
 
 def test_the_default_compiles_only_for_runs_large_enough_to_repay_it(tiny_lm, models, tmp_path):
-    from airflow_hfllm.safety.llama_guard import COMPILE_MIN_TEXTS
+    from airflow_hfllm.safety.base import COMPILE_MIN_TEXTS, compiles
+
+    def should(checker, device):
+        return compiles(checker.compile, checker._expected, device)
 
     checker = guard(models, "safe")
-    assert not checker._should_compile("cpu")
-    assert checker._should_compile("cuda")  # nothing said (a direct caller): compile on CUDA
+    assert not should(checker, "cpu")
+    assert should(checker, "cuda")  # nothing said (a direct caller): compile on CUDA
     checker.expect(COMPILE_MIN_TEXTS - 1)
-    assert not checker._should_compile("cuda")
+    assert not should(checker, "cuda")
     checker.expect(COMPILE_MIN_TEXTS)
-    assert checker._should_compile("cuda")
+    assert should(checker, "cuda")
     forced = guard(models, "safe", compile=True)
     forced.expect(10)
-    assert forced._should_compile("cuda") and forced._should_compile("cpu")
-    assert not guard(models, "safe", compile=False)._should_compile("cuda")
+    assert should(forced, "cuda") and should(forced, "cpu")
+    assert not should(guard(models, "safe", compile=False), "cuda")
 
     # the job says how many texts it will check: a prompt and an output per row still to do
     checker._expected = None

@@ -101,6 +101,26 @@ def test_a_failing_sdpa_attention_falls_back_to_transformers(tmp_path, monkeypat
     assert not checker.lean and "no kernel" in caplog.text
 
 
+def test_the_compiled_classifier_gives_the_eager_scores_without_compiling_per_width(tmp_path, quick_inductor):
+    from torch._dynamo.utils import counters
+
+    from airflow_hfllm.testing.text import tokenizer
+
+    deberta().save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer("classifier-safety").save_pretrained(tmp_path)
+    texts = [t[:300] for t in TEXTS]
+    eager = ClassifierChecker(str(tmp_path), batch_size=3, token_budget=200)
+    compiled = ClassifierChecker(str(tmp_path), batch_size=3, token_budget=200, compile=True)
+    want = [v.score for v in eager.check(texts, "prompt")]
+    assert [v.score for v in compiled.check(texts, "prompt")] == pytest.approx(want, abs=1e-5)
+    assert compiled.compiled and compiled.lean and not eager.compiled and compiled.compiler.seconds > 0
+    frames = counters["frames"]["total"]
+    others = ["a b c d e f g h " * n for n in (2, 5, 11)]  # other widths and row counts
+    want = [v.score for v in eager.check(others, "output")]
+    assert [v.score for v in compiled.check(others, "output")] == pytest.approx(want, abs=1e-5)
+    assert counters["frames"]["total"] == frames and compiled.compiled  # nothing compiled again
+
+
 @pytest.mark.parametrize("buckets, longest", [(256, 512), (16, 128), (-1, 512)])
 def test_relative_positions_without_a_device_copy_equal_transformers(buckets, longest):
     from types import SimpleNamespace
