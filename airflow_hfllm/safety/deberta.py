@@ -164,7 +164,7 @@ def _flex(q, k, v, c2p, p2c, buckets, keep, scale: float):
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
-    masked = torch.finfo(torch.float32).min  # as the SDPA path's bias: a row with no real key stays finite
+    masked = torch.finfo(q.dtype).min  # as the SDPA path's bias: a row with no real key stays finite
 
     def score_mod(score, b, h, i, j):
         p = buckets[i, j]
