@@ -42,11 +42,11 @@ class ChoiceScorer:
     def _score(self, prompts, batch, scores) -> None:
         import torch
 
-        from airflow_hfllm.engine.arch.layer import right_padded
+        from airflow_hfllm.engine.arch.layer import padded
 
         seqs = [prompts[p] + self.tokens[c] for p, c in batch]
         device = next(self.model.parameters()).device
-        ids = right_padded(seqs).to(device)
+        ids = padded(seqs).to(device)
         lengths = torch.tensor([len(s) for s in seqs], device=device)
         mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
         with torch.inference_mode():

@@ -33,7 +33,7 @@ from airflow_hfllm.engine.oom import out_of_memory
 from airflow_hfllm.engine.prefix import Prefix, PrefixCache
 from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
-from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
+from airflow_hfllm.engine.arch.layer import prefill_attention, padded
 from airflow_hfllm.engine.arch.longrope import recompute
 from airflow_hfllm.engine.decoding import output_text
 from airflow_hfllm.engine.grammar import constraint, judged
@@ -310,7 +310,7 @@ class FastEngine:
 
     def _padded_ids(self, group: list[Request], skip: int = 0):
         """The group's prompt ids [n, W] after the first ``skip``, right-padded, on the device."""
-        return self._upload(right_padded([r.input_ids[skip:] for r in group]))
+        return self._upload(padded([r.input_ids[skip:] for r in group]))
 
     def _upload(self, values):
         """``values`` (a list or CPU tensor) on the device without a sync: a plain upload waits for the GPU's

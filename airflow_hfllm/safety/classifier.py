@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from typing import Sequence
 
 from airflow_hfllm.config import HubOptions
+from airflow_hfllm.engine.arch.layer import padded
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, compiles, require_finite, windows
@@ -153,15 +154,13 @@ class ClassifierChecker(SafetyChecker):
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         left = getattr(tok, "padding_side", "right") == "left"
         host, shapes = [], []
-        for rows in passes:
-            n, width = len(rows), max(1, *map(len, rows))  # 1: an empty text of a tokenizer without special tokens
-            ids = torch.full((n, width), pad, dtype=torch.long)
-            mask = torch.zeros((n, width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                cols = slice(width - len(row), width) if left else slice(0, len(row))
-                ids[r, cols] = torch.tensor(row, dtype=torch.long)
-                mask[r, cols] = 1
-            host += [ids.flatten(), mask.flatten()]
+        for rows in passes:  # width >= 1: an empty text of a tokenizer without special tokens
+            ids = padded(rows, pad, left)
+            n, width = ids.shape
+            lengths = torch.tensor([len(row) for row in rows])[:, None]
+            cols = torch.arange(width)
+            mask = (cols >= width - lengths) if left else (cols < lengths)
+            host += [ids.flatten(), mask.long().flatten()]
             shapes.append((n, width))
         device = torch.cat(host).to(loaded.model.device)  # one copy for all passes
         from airflow_hfllm.safety.deberta import lean_attention

@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Sequence
 
 from airflow_hfllm.engine.fast import unsupported_reason
-from airflow_hfllm.engine.arch.layer import right_padded
+from airflow_hfllm.engine.arch.layer import padded
 from airflow_hfllm.engine.compiled import compile_failed
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
@@ -325,7 +325,7 @@ class LlamaGuardChecker(SafetyChecker):
         dev = loaded.model.device
         lengths = torch.tensor([len(row) for row in rows], device=dev)
         with torch.inference_mode():  # a pure pass: a compile failure runs it again eagerly (engine/compiled.py)
-            return self._pass.logits(right_padded(rows, self._pad).to(dev), lengths, self._prefix_kv[kind])
+            return self._pass.logits(padded(rows, self._pad).to(dev), lengths, self._prefix_kv[kind])
 
     def _compile_failed(self, exc: Exception) -> None:
         compile_failed(f"llama guard {self.spec.model}", exc)

@@ -170,12 +170,12 @@ def test_verdict_pass_equals_the_model(family_models, family):
     those whose last layer is not Llama's run it whole."""
     import torch
 
-    from airflow_hfllm.engine.arch.layer import right_padded
+    from airflow_hfllm.engine.arch.layer import padded
     from airflow_hfllm.safety.verdict_pass import VerdictPass
 
     loaded = get_model(ModelSpec(family_models(family)))
     rows = [r.input_ids for r in chat_requests(loaded.tokenizer, 4, 1)]
-    ids, lengths = right_padded(rows), torch.tensor([len(r) for r in rows])
+    ids, lengths = padded(rows), torch.tensor([len(r) for r in rows])
     heads, kv, hd = VerdictPass(loaded, compile=False).dims
     empty = [(torch.zeros(1, kv, 0, hd), torch.zeros(1, kv, 0, hd))] * len(loaded.model.model.layers)
     with torch.inference_mode():

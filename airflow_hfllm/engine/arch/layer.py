@@ -43,14 +43,21 @@ def prefill_attention():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def right_padded(rows: Sequence[Sequence[int]], pad: int = 0):
-    """Token id rows as one [n, longest] CPU tensor, padded after each row's end."""
+def padded(rows: Sequence[Sequence[int]], pad: int = 0, left: bool = False):
+    """Token id rows as one [n, max(1, longest)] CPU tensor, padded after each row's end (``left``: before its
+    start). One numpy assignment, not a tensor per row: 512 rows took ~23 ms row by row on a CI core."""
+    import itertools
+
+    import numpy as np
     import torch
 
-    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row)
-    return ids
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    width = max(1, int(lengths.max(initial=0)))
+    cols = np.arange(width)
+    real = cols >= width - lengths[:, None] if left else cols < lengths[:, None]
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids)
 
 
 def rotate_half(x):

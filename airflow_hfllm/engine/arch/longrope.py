@@ -64,7 +64,7 @@ def recompute(engine, sched) -> None:
     cache), in groups of at most ``engine.prefill_tokens`` tokens. Nothing for other models."""
     import torch
 
-    from airflow_hfllm.engine.arch.layer import prefill_attention, right_padded
+    from airflow_hfllm.engine.arch.layer import prefill_attention, padded
 
     rope = engine.decoder.longrope
     if rope is None:
@@ -78,7 +78,7 @@ def recompute(engine, sched) -> None:
     for start in range(0, len(waiting), per_group):
         slots = waiting[start:start + per_group]
         generated, counts = engine.out[slots].tolist(), engine.n_gen[slots].tolist()
-        ids = right_padded([rows[s].input_ids + out[:n] for s, out, n in zip(slots, generated, counts)])
+        ids = padded([rows[s].input_ids + out[:n] for s, out, n in zip(slots, generated, counts)])
         ids, slot_idx = ids.to(engine.device), torch.tensor(slots, device=engine.device)
         n, width = ids.shape  # all rows of original + 1 tokens
         with prefill_attention():
