@@ -20,8 +20,7 @@ QUANTIZATIONS = (None, "8bit", "4bit", "fp8")
 BITSANDBYTES = ("8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 KINDS = ("text", "vision")
-DEFAULT_MIN_PIXELS = 224 * 28 * 28  # the spec's
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 224 * 28 * 28, 1280 * 28 * 28  # the spec's
 DEFAULT_MAX_BYTES = 64 * 2**20
 # What min_pixels and max_pixels mean, for every vision model (in transformers 5 they are the image
 # processor's size {"shortest_edge": min_pixels, "longest_edge": max_pixels}).
@@ -73,13 +72,11 @@ class Option:
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` ("must be >= 1, got 0"): not one of the choices, or out of bounds."""
-        if value is None:
-            return None
-        if self.choices is not None and value not in self.choices:
+        if value is not None and self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-        if self.minimum is not None and value < self.minimum:
+        if value is not None and self.minimum is not None and value < self.minimum:
             return f"must be >= {self.minimum:g}, got {value}"
-        if self.maximum is not None and value > self.maximum:
+        if value is not None and self.maximum is not None and value > self.maximum:
             return f"must be <= {self.maximum:g}, got {value}"
         return None
 
@@ -335,6 +332,8 @@ class JobConfig:
                                  "CUDA graphs), else batched generate()", choices=("auto", "fast", "batched"))
     compile: str = option("auto", "torch.compile the fast engine's layers: auto (a GPU text job of at least 2M output "
                                   "tokens, which repays the compiling), on, off", choices=("auto", "on", "off"))
+    kv_cache_dtype: str = option("auto", "the fast engine's KV cache: auto (the model's dtype) or fp8 (e4m3: half the "
+                                         "memory and reads; GPUs of capability 8.9+)", choices=("auto", "fp8"), since=2)
     input_fingerprint: str = option(
         "metadata", "how a changed input is noticed: metadata (size and etag/mtime) or content (a SHA-256 of every "
                     "input file, read each run: for files rewritten with size and mtime kept)",

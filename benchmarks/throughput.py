@@ -18,7 +18,9 @@ path's memory does not skew another's. The one-prompt-per-call loop runs on a su
 extrapolated (labelled so). ``ours-compiled`` is ``ours`` with ``compile=True`` (``engine/compiled.py``: the
 layers' elementwise work fused by torch.compile around attention): its warm-up compiles too (a one-row
 prefill group included), its compile seconds are torch.compile's plus the capture's, and its note says if
-anything compiled during the timed run.
+anything compiled during the timed run. ``ours-fp8kv`` and ``ours-compiled-fp8kv`` are those two with an FP8
+(e4m3) KV cache (``kv_cache_dtype="fp8"``): half the cache's memory (slots sized from free memory double)
+and half the keys and values read per decode step.
 
 ``--quantization 8bit,4bit`` runs the padded path (and ``ours``, which refuses quantized weights and is
 then skipped with a note) on bitsandbytes models. bitsandbytes quantizes while loading, so the random
@@ -94,7 +96,8 @@ SHAPES = {  # name -> (model_type, config): real shapes, random weights
 IN_PLACE = ("70b",)  # too big for one GPU in bf16: fp8 only, built layer by layer
 PADDED_BATCH = {"0.5b": 256}  # 128 for the others
 HBM_GBPS = {"H100": 3350, "H200": 4800}
-QUANT_PATHS = ("padded", "ours", "ours-sdpa", "ours-compiled")  # the paths that take --quantization
+# the paths that take --quantization; "-fp8kv": the fast engine with kv_cache_dtype="fp8"
+QUANT_PATHS = ("padded", "ours", "ours-sdpa", "ours-compiled", "ours-fp8kv", "ours-compiled-fp8kv")
 CHECKPOINT_DIR = os.environ.get("HFLLM_BENCH_DIR", "/tmp/hfllm-bench")
 CONSTRAINED_PATHS = ("padded", "ours", "ours-sdpa", "ours-serial")  # the paths that take --constraint
 JSON_SCHEMA = {
@@ -413,16 +416,18 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         tokens = sum(len(g.generated_tokens) for g in got)
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
-    elif path in ("ours", "ours-sdpa", "ours-noprefix", "ours-serial", "ours-compiled"):
+    elif path in ("ours", "ours-sdpa", "ours-noprefix", "ours-serial", "ours-compiled", "ours-fp8kv",
+                  "ours-compiled-fp8kv"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
         # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
         # path) instead of the Triton kernel, for comparison; ours-serial: a grammar's mask work after each
         # step instead of during its forward pass; ours-noprefix: without shared-prefix reuse (engine/prefix.py);
-        # ours-compiled: with torch.compile around attention
+        # ours-compiled: with torch.compile around attention; -fp8kv: an e4m3 KV cache
         engine = FastEngine(loaded, params, slots=slots, decode_kernel=path != "ours-sdpa",
                             grammar_overlap=path != "ours-serial", prefix_reuse=path != "ours-noprefix",
-                            compile=path == "ours-compiled")
+                            compile=path.startswith("ours-compiled"),
+                            kv_cache_dtype="fp8" if path.endswith("-fp8kv") else "auto")
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph, compiles
         engine.generate(requests[64:65])  # a prefill group of one row: its own compiled shape class
@@ -448,7 +453,7 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
                          for k in ("mask", "consume", "wait")}
             note += (f"; grammar: {grammar_s['mask']} s host mask work ({grammar_s['consume']} s of it consuming "
                      f"tokens), {grammar_s['wait']} s host waiting on the GPU")
-        if path == "ours-compiled":
+        if path.startswith("ours-compiled"):
             late = engine.decoder.compiler.seconds - compiled_s  # a shape class the warm-up missed
             note += (f", torch.compile {compiled_s:.1f} s + capture {engine.capture_seconds:.1f} s"
                      + (f", {late:.1f} s more compiling in the timed run" if late else "")

@@ -9,7 +9,8 @@ per layer, 7x Qwen2-7B's bytes per token) spends most of its step there. Split-K
 keys of a slot are cut into ``splits`` ranges, each program of the first kernel takes one (slot, KV head,
 range) with the query heads of its GQA group as the rows of one ``tl.dot``, and the second kernel merges
 the ranges by their log-sum-exp; an attention sink (gpt-oss) joins the softmax there as one more logit.
-Soft-capping (Gemma 2 style) caps the scaled scores before the softmax, as the model does.
+Soft-capping (Gemma 2 style) caps the scaled scores before the softmax, as the model does. An FP8 cache
+(``kv_cache_dtype="fp8"``) is read as FP8 (half the bytes) and converted to the query's dtype in registers.
 
 Imported only where Triton and CUDA are (:func:`airflow_hfllm.engine.decoder.decode_kernel`); Triton's
 kernels are module-level functions, so it is imported at the top here (torch, as everywhere, in the call).
@@ -47,7 +48,7 @@ def _partial(Q, K, V, Pos, O, Lse, scale, softcap,
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kmask = (n < end)[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(K + base + n[:, None] * k_row + d[None, :], mask=kmask, other=0.0)
+        k = tl.load(K + base + n[:, None] * k_row + d[None, :], mask=kmask, other=0.0).to(q.dtype)  # FP8 cache
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -59,7 +60,7 @@ def _partial(Q, K, V, Pos, O, Lse, scale, softcap,
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         total = total * alpha + tl.sum(p, 1)
-        v = tl.load(V + base + n[:, None] * k_row + d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + base + n[:, None] * k_row + d[None, :], mask=kmask, other=0.0).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:

@@ -39,6 +39,33 @@ def unsupported_reason(loaded: LoadedModel, vision: bool = False) -> str | None:
     return None
 
 
+# e4m3's largest value: a cast past it gives NaN, not the largest value
+FP8_MAX = 448.0
+
+
+def kv_dtype(name: str, device, dtype):
+    """The KV cache's torch dtype for ``kv_cache_dtype`` ``name`` on ``device`` (``dtype``: the model's)."""
+    import torch
+
+    if name == "auto":
+        return dtype
+    if name != "fp8":
+        raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {name!r}")
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability and capability < (8, 9):  # the decode kernel converts FP8 in registers: Ada, Hopper and newer
+        raise ValueError(f"kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or newer; "
+                         f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    return torch.float8_e4m3fn
+
+
+def stored(x, cache):
+    """Keys or values ``x`` as ``cache`` holds them: the model's dtype, or FP8 (e4m3, scale 1, as vLLM's
+    ``kv_cache_dtype="fp8"`` without calibrated scales; saturating at :data:`FP8_MAX`)."""
+    if x.dtype == cache.dtype:
+        return x
+    return x.clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
+
+
 # the model's own modules, which the layer code calls: bitsandbytes' Linear4bit / Linear8bitLt, and FP8
 # checkpoints or load-time FP8 as the loader's Fp8Linear (engine/fp8.py)
 FAST_QUANT = ("bitsandbytes", "fp8")
@@ -211,11 +238,11 @@ class Decoder:
             masks[window] = (cols <= rows) & (cols > rows - window)
 
         def write(l, k, v):
-            k_cache[l][slot_idx, :, p:p + t] = k
-            v_cache[l][slot_idx, :, p:p + t] = v
+            k_cache[l][slot_idx, :, p:p + t] = stored(k, k_cache[l])
+            v_cache[l][slot_idx, :, p:p + t] = stored(v, v_cache[l])
             if p:
-                k_cache[l][slot_idx, :, :p] = prefix[0][l]
-                v_cache[l][slot_idx, :, :p] = prefix[1][l]
+                k_cache[l][slot_idx, :, :p] = stored(prefix[0][l], k_cache[l])
+                v_cache[l][slot_idx, :, :p] = stored(prefix[1][l], v_cache[l])
 
         def attend(l, q, k, v, scale):
             # Causal attention over the prompt itself; padding sits after each row's last token.
@@ -234,8 +261,8 @@ class Decoder:
         x = self.base.embed_tokens(tokens[:, None])
 
         def write(l, k, v):
-            k_cache[l][slots, :, pos] = k[:, :, 0]
-            v_cache[l][slots, :, pos] = v[:, :, 0]
+            k_cache[l][slots, :, pos] = stored(k[:, :, 0], k_cache[l])
+            v_cache[l][slots, :, pos] = stored(v[:, :, 0], v_cache[l])
 
         if self.kernel:
             def attend(l, q, k, v, scale):
@@ -246,8 +273,9 @@ class Decoder:
             masks = {window: (seen & (columns[None, :] > pos[:, None] - window) if window else seen)[:, None, None, :]
                      for window in set(self.windows)}
 
-            def attend(l, q, k, v, scale):
-                return self._attention(q, k_cache[l], v_cache[l], masks[self.windows[l]], scale, sinks=self.sinks[l])
+            def attend(l, q, k, v, scale):  # an FP8 cache read whole in the query's dtype: the CPU's path
+                return self._attention(q, k_cache[l].to(q.dtype), v_cache[l].to(q.dtype), masks[self.windows[l]],
+                                       scale, sinks=self.sinks[l])
 
         x = self._layers(x, (pos + rope_offset)[:, None], write, attend)
         return self.logits(x[:, 0])

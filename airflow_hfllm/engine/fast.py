@@ -31,7 +31,7 @@ from airflow_hfllm.engine.cache import free_memory, in_memory
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
 from airflow_hfllm.engine.oom import out_of_memory
 from airflow_hfllm.engine.prefix import Prefix, PrefixCache
-from airflow_hfllm.engine.decoder import Decoder, unsupported_reason
+from airflow_hfllm.engine.decoder import Decoder, kv_dtype, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
 from airflow_hfllm.engine.arch.layer import prefill_attention, padded
 from airflow_hfllm.engine.arch.longrope import recompute
@@ -44,10 +44,8 @@ from airflow_hfllm.engine.loading import LoadedModel
 from airflow_hfllm.config import GenerationParams
 
 log = logging.getLogger(__name__)
+MAX_SLOTS = 512  # the 7B standard batch 10% faster than 256 on an H200 (docs/benchmarks.md); more is unmeasured
 
-
-# 512 slots: the 7B standard batch 10% faster than 256 on an H200 (docs/benchmarks.md); more is unmeasured
-MAX_SLOTS = 512
 
 class FastEngine:
     """Completions for many requests at once; see the module docstring.
@@ -56,12 +54,12 @@ class FastEngine:
     :param steps_per_sync: decode steps per graph replay between host syncs (1 under a grammar).
     :param prefill_tokens: tokens (rows x longest prompt) per prefill call.
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
-    :param decode_kernel: decode attention through the Triton kernel that reads each row's own keys only
-        (default: on CUDA where Triton is installed); ``False``: SDPA over the masked cache.
+    :param decode_kernel: Triton decode attention, reading each row's own keys (default: on CUDA with Triton).
     :param prefix_reuse: compute a prompt prefix that rows share once (``engine/prefix.py``; text rows, not LongRoPE).
     :param grammar_overlap: under a grammar, compute each step's masks while the GPU runs its forward pass
         (``engine/steps.py``; default: on CUDA); ``False``: after the step, as on the CPU.
     :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``); a job decides by size.
+    :param kv_cache_dtype: ``"auto"`` (the model's) or ``"fp8"`` (e4m3, ``decoder.stored``; a GPU of capability 8.9+).
     """
 
     vision = False
@@ -69,8 +67,8 @@ class FastEngine:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  decode_kernel: bool | None = None, prefix_reuse: bool = True, grammar_overlap: bool | None = None,
-                 compile: bool | None = None, should_stop: Callable[[], bool] | None = None,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 compile: bool | None = None, kv_cache_dtype: str = "auto",
+                 should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
             raise ValueError(f"fast engine cannot run {loaded.spec.model}: {reason}")
@@ -81,6 +79,7 @@ class FastEngine:
         self.loaded, self.params, self.model = loaded, params, loaded.model
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
+        self.kv_dtype = kv_dtype(kv_cache_dtype, self.device, self.dtype)
         self.decoder = Decoder(self.model, kernel=decode_kernel, compile=compile)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -122,7 +121,7 @@ class FastEngine:
         elif self.device.type == "cuda":
             self._release()
             free, _ = torch.cuda.mem_get_info(self.device)
-            per_slot = (max_len * (kv_bytes_per_token(self.model, self.dtype)
+            per_slot = (max_len * (kv_bytes_per_token(self.model, self.kv_dtype)
                                    + SlotLogprobs.bytes_per_token(self.params.logprobs))
                         + self.vocab * (12 if self._counted else 8))
             # Leave room for prefill activations and the allocator.
@@ -147,8 +146,8 @@ class FastEngine:
         self._release()
         dev, n = self.device, len(self.decoder.layers)
         shape = (slots, self.decoder.kv_heads, max_len, self.decoder.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(n)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(n)]
+        self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=dev) for _ in range(n)]
+        self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=dev) for _ in range(n)]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # last token, input of the next step
         self.pos = torch.zeros(slots, dtype=torch.long, device=dev)  # its index in the KV cache
         # rope position minus KV index: 0 for text; multimodal rope gives an image fewer positions than tokens

@@ -124,11 +124,14 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
         log.info("engine: fast (continuous batching, static KV cache%s%s) on %s",
                  ", CUDA graphs" if loaded.device.type == "cuda" else "",
                  ", layers compiled (torch.compile)" if compile else "", loaded.device)
-        return StreamDriver(fast(loaded, params, slots=config.batch_size, compile=compile, **common, **fast_kwargs),
-                            scorer)
+        return StreamDriver(fast(loaded, params, slots=config.batch_size, compile=compile,
+                                 kv_cache_dtype=config.kv_cache_dtype, **common, **fast_kwargs), scorer)
     if config.engine == "fast":
         raise ValueError(f"engine='fast' cannot run {model_name}: {reason}")
     generator = batched()
+    if config.kv_cache_dtype != "auto":
+        log.warning("kv_cache_dtype=%r is the fast engine's: batched generate() keeps the model's dtype",
+                    config.kv_cache_dtype)
     log.info("engine: batched generate() on %s (batch cap %d rows, token budget %d): %s",
              loaded.device, generator.max_batch_size, generator.token_budget, reason)
     return BatchedDriver(generator, scorer)

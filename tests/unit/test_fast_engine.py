@@ -90,3 +90,70 @@ def test_job_streams_rows_across_chunks(tiny_lm, tmp_path):
     for k in range(14):
         part = pd.read_parquet(tmp_path / "fast" / f"part-{k:05d}.parquet")
         assert part.id.tolist() == list(range(3 * k, min(3 * k + 3, 40)))
+
+
+def test_an_fp8_kv_cache_holds_each_key_and_value_rounded_to_e4m3(loaded, monkeypatch):
+    """kv_cache_dtype='fp8': an e4m3 cache (1 byte per element), every write (prefill, shared-prefix copy,
+    decode step) its e4m3 rounding and every read that value: the same tokens as an engine whose cache keeps
+    the model's dtype but rounds each write through e4m3. Prefill attends to its fresh keys, so each row's
+    first token is the plain engine's. (How close FP8 keys come to bf16 on real weights: tests/gpu.)"""
+    import torch
+
+    from airflow_hfllm.engine import decoder
+    from airflow_hfllm.engine.generate import Request
+
+    prefix = loaded.tokenizer("a shared instruction that every row starts with, " * 4)["input_ids"]
+    reqs = [Request(input_ids=prefix + r.input_ids, max_new_tokens=12)
+            for r in chat_requests(loaded.tokenizer, 24, 12)]
+    params = GenerationParams(max_new_tokens=12, do_sample=False, logprobs=1)
+    engine = FastEngine(loaded, params, slots=6, steps_per_sync=3, kv_cache_dtype="fp8")
+    fp8 = engine.generate(reqs)
+    assert engine.k_cache[0].dtype == torch.float8_e4m3fn and engine.k_cache[0].element_size() == 1
+    assert engine.stats()["prefix_tokens_saved"] > 0
+    plain = FastEngine(loaded, params, slots=6, steps_per_sync=3).generate(reqs)
+
+    def rounded_in_slots(x, cache):  # the shared prefix's own pass (a one-row buffer) is not the cache
+        fp8 = x.clamp(-decoder.FP8_MAX, decoder.FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+        return fp8 if cache.shape[0] == 6 else x
+
+    monkeypatch.setattr(decoder, "stored", rounded_in_slots)
+    rounded = FastEngine(loaded, params, slots=6, steps_per_sync=3).generate(reqs)
+    assert [c.top_logprobs for c in fp8] == [c.top_logprobs for c in rounded]
+    assert [c.top_logprobs[0] for c in fp8] == [c.top_logprobs[0] for c in plain]
+    assert [c.text for c in fp8] != [c.text for c in plain]  # the rounding is real: some rows go elsewhere
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        FastEngine(loaded, params, kv_cache_dtype="int8")
+
+
+def test_the_job_option_reaches_the_engine_and_the_fingerprint(tiny_lm, tmp_path, caplog):
+    """``kv_cache_dtype`` from the job to the fast engine; it changes outputs, so it joins the output folder's
+    fingerprint (a folder written with the model's dtype is rebuilt, not resumed, in FP8); batched
+    generate() says it keeps the model's dtype."""
+    import logging
+
+    import torch
+
+    from airflow_hfllm.config import JobConfig
+    from airflow_hfllm.engine.loading import get_model
+    from airflow_hfllm.run import engines
+    from airflow_hfllm.run.kinds import TextKind
+
+    loaded = get_model(ModelSpec(tiny_lm))
+
+    def driver(**config):
+        return engines.choose(TextKind(), loaded, GenerationParams(), JobConfig(**config),
+                              should_stop=lambda: False, on_batch=lambda rows, tokens: None,
+                              log=logging.getLogger("test"), model_name="tiny")
+
+    assert driver(engine="fast", kv_cache_dtype="fp8").generator.kv_dtype == torch.float8_e4m3fn
+    assert driver(engine="fast").generator.kv_dtype == loaded.model.dtype
+    with caplog.at_level(logging.WARNING):
+        driver(engine="batched", kv_cache_dtype="fp8")
+    assert "batched generate() keeps the model's dtype" in caplog.text
+
+    write_prompts(tmp_path / "in.parquet", 4)
+    job = dict(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model=ModelSpec(tiny_lm),
+               params=GenerationParams(max_new_tokens=4, do_sample=False), engine="fast")
+    first = TextJob(**job).run()
+    assert TextJob(**job).run()["fingerprint"] == first["fingerprint"]
+    assert TextJob(**job, kv_cache_dtype="fp8").run()["fingerprint"] != first["fingerprint"]
