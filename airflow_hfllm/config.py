@@ -72,11 +72,13 @@ class Option:
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` ("must be >= 1, got 0"): not one of the choices, or out of bounds."""
-        if value is not None and self.choices is not None and value not in self.choices:
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-        if value is not None and self.minimum is not None and value < self.minimum:
+        if self.minimum is not None and value < self.minimum:
             return f"must be >= {self.minimum:g}, got {value}"
-        if value is not None and self.maximum is not None and value > self.maximum:
+        if self.maximum is not None and value > self.maximum:
             return f"must be <= {self.maximum:g}, got {value}"
         return None
 
@@ -138,8 +140,7 @@ def _unwrap(hint) -> tuple[type, bool, bool]:
 def check(obj) -> None:
     """The checks every field declares: choices and bounds."""
     for opt in options(type(obj)):
-        problem = opt.problem(getattr(obj, opt.name))
-        if problem:
+        if problem := opt.problem(getattr(obj, opt.name)):
             raise ValueError(f"{opt.name} {problem}")
 
 
