@@ -233,7 +233,8 @@ class Decoder:
         p = prefix[0][0].shape[1] if prefix else 0
         # after a prefix, causal means aligned to the last key: SDPA runs that in its flash kernel
         masks = {None: causal_lower_right(t, p + t)} if p else {}
-        for window in set(self.windows) - {None}:
+        # a window as wide as the prompt masks no more than causality does: no mask, SDPA's flash kernel
+        for window in {w for w in self.windows if w and w < p + t}:
             rows, cols = torch.arange(p, p + t, device=x.device)[:, None], torch.arange(p + t, device=x.device)[None, :]
             masks[window] = (cols <= rows) & (cols > rows - window)
 
@@ -249,7 +250,7 @@ class Decoder:
             if p:
                 k = torch.cat((prefix[0][l].expand(n, -1, -1, -1), k), dim=2)
                 v = torch.cat((prefix[1][l].expand(n, -1, -1, -1), v), dim=2)
-            mask = masks.get(self.windows[l]) if p or self.windows[l] else None
+            mask = masks.get(self.windows[l], masks.get(None))
             return self._attention(q, k, v, mask, scale, causal=True, sinks=self.sinks[l])
 
         x = self._layers(x, positions, write, attend, deepstack, lengths)

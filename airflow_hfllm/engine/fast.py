@@ -113,7 +113,8 @@ class FastEngine:
         import torch
 
         need = max(len(r.input_ids) + r.max_new_tokens for r in requests)
-        max_len = 1 << max(6, math.ceil(math.log2(need)))
+        step = (1 << max(6, math.ceil(math.log2(need)))) // 8  # 8 widths per octave: <= 1/8 of the KV spare
+        max_len = max(64, math.ceil(need / step) * step)
         if self._shape and self._shape[1] >= need:
             return self._shape
         if self.max_slots:
