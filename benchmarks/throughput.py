@@ -342,7 +342,7 @@ def workload(batch: str, n: int = 512, vocab: int = 150_000):
 
 def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = "none",
              checkpoint_dir: str = CHECKPOINT_DIR, slots: int | None = None, profile: bool = False,
-             constraint: str = "none") -> dict:
+             constraint: str = "none", padded_rows: int | None = None) -> dict:
     import dataclasses
 
     import torch
@@ -380,12 +380,18 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         gen = BatchedGenerator(loaded, params, max_batch_size=PADDED_BATCH.get(shape, 128), token_budget=10**9)
         gen.generate(requests[:8])
         torch.cuda.synchronize()
+        # a subset as the full run batches it: rows sorted by length, the N around the median length
+        ranked = sorted(requests, key=lambda r: len(r.input_ids))
+        mid = max(0, (len(ranked) - (padded_rows or len(ranked))) // 2)
+        timed = ranked[mid:mid + padded_rows] if padded_rows else requests
         t0 = time.monotonic()
-        out = gen.generate(requests)
+        out = gen.generate(timed)
         torch.cuda.synchronize()
         seconds = time.monotonic() - t0
         tokens = sum(c.output_tokens for c in out)
-        note = f"batch {PADDED_BATCH.get(shape, 128)}"
+        note = f"batch {PADDED_BATCH.get(shape, 128)}" + (
+            f", {len(timed)} rows around the median prompt length" if padded_rows else "")
+        requests = timed  # the FLOPs below count the rows timed
     elif path == "generate_batch":
         from transformers import GenerationConfig
 
@@ -602,11 +608,14 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=None, help="fast engine slots (default: from free memory)")
     parser.add_argument("--profile", action="store_true",
                         help="the fast engine's paths also print the GPU kernels that took most time (torch.profiler)")
+    parser.add_argument("--padded-rows", type=int, default=None,
+                        help="the padded path times only the N rows around the median prompt length (a batch as the "
+                             "full run forms it; for models whose 512 rows take minutes)")
     parser.add_argument("--one", nargs=3, metavar=("PATH", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         result = run_path(*args.one, args.dtype, args.quantization, args.checkpoint_dir, args.slots, args.profile,
-                          args.constraint)
+                          args.constraint, args.padded_rows)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results, notes = [], []
@@ -656,7 +665,8 @@ def _run_one(args, path: str, shape: str, batch: str, quant: str, constraint: st
     """One path in its own process; ``None`` (and a line saying why) when it gave no result."""
     cmd = [sys.executable, __file__, "--dtype", args.dtype, "--quantization", quant, "--checkpoint-dir",
            args.checkpoint_dir, "--constraint", constraint, *(["--slots", str(args.slots)] if args.slots else []),
-           *(["--profile"] if args.profile else []), "--one", path, shape, batch]
+           *(["--profile"] if args.profile else []),
+           *(["--padded-rows", str(args.padded_rows)] if args.padded_rows else []), "--one", path, shape, batch]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                               timeout=args.path_timeout)

@@ -42,15 +42,12 @@ class ChoiceScorer:
     def _score(self, prompts, batch, scores) -> None:
         import torch
 
-        from airflow_hfllm.engine.arch.layer import padded
+        from airflow_hfllm.engine.arch.layer import padded_with_mask
 
-        seqs = [prompts[p] + self.tokens[c] for p, c in batch]
         device = next(self.model.parameters()).device
-        ids = padded(seqs).to(device)
-        lengths = torch.tensor([len(s) for s in seqs], device=device)
-        mask = torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]
+        ids, mask = padded_with_mask([prompts[p] + self.tokens[c] for p, c in batch])
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask.long()).logits
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits
         for row, (p, c) in enumerate(batch):
             start, choice = len(prompts[p]), self.tokens[c]
             # the logits at position t predict token t + 1

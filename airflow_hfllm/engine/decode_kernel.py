@@ -103,8 +103,14 @@ def splits_for(slots: int, kv_heads: int, width: int, block: int) -> int:
     return max(1, min(want, math.ceil(width / block)))
 
 
+def tiles_for(head_dim: int) -> tuple[int, int, int]:
+    """(keys per tile, warps, pipeline stages) of :func:`_partial`: ``benchmarks/decode_attention.py``
+    sweeps them."""
+    return (32, 8, 3) if head_dim > 128 else (64, 4, 3)
+
+
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None, sinks=None,
-                     softcap: float | None = None):
+                     softcap: float | None = None, tiles: tuple[int, int, int] | None = None):
     """Attention output [slots, heads, head_dim] of queries ``q`` [slots, heads, head_dim] against the keys
     and values [slots, kv_heads, width, head_dim] at indices ``max(0, pos - window + 1) .. pos``."""
     import torch
@@ -112,7 +118,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     slots, heads, head_dim = q.shape
     kv_heads, width = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
-    block_n = 32 if head_dim > 128 else 64
+    block_n, warps, stages = tiles or tiles_for(head_dim)
     splits = splits_for(slots, kv_heads, width, block_n)
     split = math.ceil(math.ceil(width / splits) / block_n) * block_n
     partial = torch.empty((slots, heads, splits, head_dim), device=q.device, dtype=torch.float32)
@@ -127,7 +133,7 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=block_n, SPLIT=split, WINDOW=window or 0, SOFTCAP=bool(softcap),
-        IEEE=q.dtype == torch.float32, num_warps=4 if head_dim <= 128 else 8)
+        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     _merge[(slots, heads)](
         partial, lse, sinks if sinks is not None else lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 from typing import Sequence
 
 from airflow_hfllm.config import HubOptions
-from airflow_hfllm.engine.arch.layer import padded
+from airflow_hfllm.engine.arch.layer import padded_with_mask
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, compiles, require_finite, windows
@@ -155,11 +155,8 @@ class ClassifierChecker(SafetyChecker):
         left = getattr(tok, "padding_side", "right") == "left"
         host, shapes = [], []
         for rows in passes:  # width >= 1: an empty text of a tokenizer without special tokens
-            ids = padded(rows, pad, left)
+            ids, mask = padded_with_mask(rows, pad, left)
             n, width = ids.shape
-            lengths = torch.tensor([len(row) for row in rows])[:, None]
-            cols = torch.arange(width)
-            mask = (cols >= width - lengths) if left else (cols < lengths)
             host += [ids.flatten(), mask.long().flatten()]
             shapes.append((n, width))
         device = torch.cat(host).to(loaded.model.device)  # one copy for all passes

@@ -137,10 +137,12 @@ def test_relative_positions_without_a_device_copy_equal_transformers(buckets, lo
 
 
 def test_padded_rows_right_and_left():
-    from airflow_hfllm.engine.arch.layer import padded
+    from airflow_hfllm.engine.arch.layer import padded, padded_with_mask
 
     rows = [[5, 6, 7], [], [8], (9, 10)]
     assert padded(rows, 0).tolist() == [[5, 6, 7], [0, 0, 0], [8, 0, 0], [9, 10, 0]]
     assert padded(rows, 1, left=True).tolist() == [[5, 6, 7], [1, 1, 1], [1, 1, 8], [1, 9, 10]]
     assert padded([[]], 3).tolist() == [[3]] and padded(rows).dtype == torch.long
+    _, mask = padded_with_mask(rows, 1, left=True)
+    assert mask.tolist() == [[True] * 3, [False] * 3, [False, False, True], [False, True, True]]
 

@@ -45,7 +45,13 @@ def prefill_attention():
 
 def padded(rows: Sequence[Sequence[int]], pad: int = 0, left: bool = False):
     """Token id rows as one [n, max(1, longest)] CPU tensor, padded after each row's end (``left``: before its
-    start). One numpy assignment, not a tensor per row: 512 rows took ~23 ms row by row on a CI core."""
+    start)."""
+    return padded_with_mask(rows, pad, left)[0]
+
+
+def padded_with_mask(rows: Sequence[Sequence[int]], pad: int = 0, left: bool = False):
+    """:func:`padded`'s ids and the bool mask [n, width] of their real tokens. One numpy assignment, not a
+    tensor per row: 512 rows took ~23 ms row by row on a CI core."""
     import itertools
 
     import numpy as np
@@ -57,7 +63,7 @@ def padded(rows: Sequence[Sequence[int]], pad: int = 0, left: bool = False):
     real = cols >= width - lengths[:, None] if left else cols < lengths[:, None]
     ids = np.full((len(rows), width), pad, dtype=np.int64)
     ids[real] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-    return torch.from_numpy(ids)
+    return torch.from_numpy(ids), torch.from_numpy(real)
 
 
 def rotate_half(x):
