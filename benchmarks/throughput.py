@@ -485,17 +485,16 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
     if steps:
         result["decode_steps"] = steps
         result["weight_gbps"] = round(steps * weights / seconds / 1e9)
-    flops = 2 * active_params(loaded.model) * (sum(len(r.input_ids) for r in requests) + tokens)
+    prompt_tokens = sum(len(r.input_ids) for r in requests)
+    flops, prefill_flops = matmul_flops(loaded.model, prompt_tokens, tokens, rows=len(requests))
     result["tflops"] = round(flops / seconds / 1e12, 1)
     if path.startswith("ours"):
         # prefill and decode apart: prefill's GPU time from the engine's events, decode the rest
-        per_token = 2 * active_params(loaded.model)
-        prompt_tokens = sum(len(r.input_ids) for r in requests)
         result["matmul_tflops"] = round(matmul_rate(loaded.model, rows=engine._shape[0]), 1)
         result["prefill_s"] = round(prefill_s, 2)
-        result["prefill_tflops"] = round(per_token * prompt_tokens / prefill_s / 1e12, 1)
+        result["prefill_tflops"] = round(prefill_flops / prefill_s / 1e12, 1)
         result["prefill_matmul_tflops"] = round(matmul_rate(loaded.model, rows=4096), 1)
-        result["decode_tflops"] = round(per_token * tokens / (seconds - prefill_s) / 1e12, 1)
+        result["decode_tflops"] = round((flops - prefill_flops) / (seconds - prefill_s) / 1e12, 1)
         result["decode_step_ms"] = round((seconds - prefill_s) / steps * 1000, 2)
         if kernels:
             result["kernels"] = kernels
@@ -523,15 +522,25 @@ def logical_shape(p) -> tuple:
     return tuple(state.shape) if state is not None else tuple(p.shape)
 
 
+def matmul_flops(model, prompt_tokens: int, output_tokens: int, rows: int) -> tuple[int, int]:
+    """(all, prefill's) matmul FLOPs of a batch: the layers run on every prompt token and every output token
+    but each row's last; lm_head on each output token only (prefill takes logits at each row's last
+    position), tied to the embedding or not. The attention's own score and value FLOPs are left out."""
+    body = 2 * active_params(model)
+    head = 2 * math.prod(logical_shape(model.get_output_embeddings().weight))
+    prefill = body * prompt_tokens + head * rows
+    return prefill + (body + head) * (output_tokens - rows), prefill
+
+
 def active_params(model) -> int:
-    """Weights one token multiplies by: every matrix but the embedding, experts at top-k / experts (the
-    attention's own score and value FLOPs are left out)."""
+    """Weights one token multiplies by in the layers: every matrix but the embedding and lm_head, experts
+    at top-k / experts."""
     cfg = model.config.get_text_config()
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     share = cfg.num_experts_per_tok / experts if experts else 1.0
     total = 0
     for name, p in model.named_parameters():
-        if p.dim() < 2 or "embed_tokens" in name:
+        if p.dim() < 2 or "embed_tokens" in name or name.startswith("lm_head"):
             continue
         total += math.prod(logical_shape(p)) * (share if ".experts." in name else 1.0)
     return int(total)

@@ -104,9 +104,10 @@ def splits_for(slots: int, kv_heads: int, width: int, block: int) -> int:
 
 
 def tiles_for(head_dim: int) -> tuple[int, int, int]:
-    """(keys per tile, warps, pipeline stages) of :func:`_partial`: ``benchmarks/decode_attention.py``
-    sweeps them."""
-    return (32, 8, 3) if head_dim > 128 else (64, 4, 3)
+    """(keys per tile, warps, pipeline stages) of :func:`_partial`, the fastest of
+    ``benchmarks/decode_attention.py``'s sweep on an H200 (docs/benchmarks.md, 2026-12-03): 7B's bf16 layer
+    116 -> 85 us, Gemma 3 12B's 278 -> 255 us (3.9 TB/s of its keys and values)."""
+    return (32, 4, 3) if head_dim > 128 else (64, 4, 4)
 
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None, sinks=None,
