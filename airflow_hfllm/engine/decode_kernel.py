@@ -25,11 +25,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _partial(Q, K, V, Pos, O, Lse, scale, softcap,
-             q_slot, q_head, k_slot, k_head, k_row, o_slot, o_head, o_split, l_slot, l_head,
+def _partial(Q, K, V, Pos, Table, O, Lse, scale, softcap,
+             q_slot, q_head, k_slot, k_head, k_row, t_slot, o_slot, o_head, o_split, l_slot, l_head,
              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-             IEEE: tl.constexpr):
+             IEEE: tl.constexpr, PAGE: tl.constexpr):
     slot, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(Pos + slot) + 1  # keys 0..pos, the new one included
     start = split * SPLIT
@@ -44,23 +44,31 @@ def _partial(Q, K, V, Pos, O, Lse, scale, softcap,
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    base = slot * k_slot + kv_head * k_head
-    for n0 in range(start, end, BLOCK_N):
+    # tiles start on a multiple of BLOCK_N (a window's first key need not), so a tile lies in one page; a
+    # range with no keys runs no tile (one of masked keys only would give NaN)
+    for n0 in range(tl.where(start < end, start // BLOCK_N * BLOCK_N, end), end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        kmask = (n < end)[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(K + base + n[:, None] * k_row + d[None, :], mask=kmask, other=0.0).to(q.dtype)  # FP8 cache
+        if PAGE > 0:  # paged: the slot's table names the block of keys n0 .. n0 + BLOCK_N (int64 ids)
+            base = tl.load(Table + slot * t_slot + n0 // PAGE) * k_slot + kv_head * k_head
+            rows = n - n0 // PAGE * PAGE
+        else:
+            base = slot * k_slot + kv_head * k_head
+            rows = n
+        keep = (n >= start) & (n < end)
+        kmask = keep[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(K + base + rows[:, None] * k_row + d[None, :], mask=kmask, other=0.0).to(q.dtype)  # FP8
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
         if SOFTCAP:
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-        s = tl.where((n < end)[None, :], s, float("-inf"))
+        s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         total = total * alpha + tl.sum(p, 1)
-        v = tl.load(V + base + n[:, None] * k_row + d[None, :], mask=kmask, other=0.0).to(q.dtype)
+        v = tl.load(V + base + rows[:, None] * k_row + d[None, :], mask=kmask, other=0.0).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -111,13 +119,15 @@ def tiles_for(head_dim: int) -> tuple[int, int, int]:
 
 
 def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None = None, sinks=None,
-                     softcap: float | None = None, tiles: tuple[int, int, int] | None = None):
+                     softcap: float | None = None, tiles: tuple[int, int, int] | None = None, table=None):
     """Attention output [slots, heads, head_dim] of queries ``q`` [slots, heads, head_dim] against the keys
-    and values [slots, kv_heads, width, head_dim] at indices ``max(0, pos - window + 1) .. pos``."""
+    and values [slots, kv_heads, width, head_dim] at indices ``max(0, pos - window + 1) .. pos``; paged
+    (``table`` [slots, width / page] of int64 block ids): [blocks, kv_heads, page, head_dim]."""
     import torch
 
     slots, heads, head_dim = q.shape
-    kv_heads, width = k_cache.shape[1], k_cache.shape[2]
+    kv_heads, page = k_cache.shape[1], k_cache.shape[2]
+    width = page * table.shape[1] if table is not None else page
     group = heads // kv_heads
     block_n, warps, stages = tiles or tiles_for(head_dim)
     splits = splits_for(slots, kv_heads, width, block_n)
@@ -128,13 +138,17 @@ def decode_attention(q, k_cache, v_cache, pos, scale: float, window: int | None 
     if q.stride(-1) != 1:
         q = q.contiguous()
     block_d = triton.next_power_of_2(head_dim)
+    if table is not None and page % block_n:
+        raise ValueError(f"a page of {page} keys is not a whole number of {block_n}-key tiles")
     _partial[(slots, kv_heads, splits)](
-        q, k_cache, v_cache, pos, partial, lse, scale, softcap or 0.0,
+        q, k_cache, v_cache, pos, table if table is not None else pos, partial, lse, scale, softcap or 0.0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        table.stride(0) if table is not None else 0,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_N=block_n, SPLIT=split, WINDOW=window or 0, SOFTCAP=bool(softcap),
-        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        IEEE=q.dtype == torch.float32, PAGE=page if table is not None else 0, num_warps=warps,
+        num_stages=stages)
     _merge[(slots, heads)](
         partial, lse, sinks if sinks is not None else lse, out,
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),

@@ -10,6 +10,7 @@ from airflow_hfllm.engine.arch.fuse import fuse_projections
 from airflow_hfllm.engine.arch.layer import decoder_layer, rope_parameters, text_config, text_model
 from airflow_hfllm.engine.arch.longrope import LongRope
 from airflow_hfllm.engine.compiled import Compiler, compile_by_default, layer_pieces
+from airflow_hfllm.engine.kv_cache import dense, prompt_write, step_write
 from airflow_hfllm.engine.loading import LoadedModel, quant_method
 
 
@@ -95,7 +96,7 @@ def decode_kernel(device) -> object | None:
 
 class Decoder:
     """The decoder stack of ``model`` through its own modules, over the fast engine's static KV cache
-    (``k_cache``, ``v_cache``: one [slots, kv_heads, max_len, head_dim] tensor per layer).
+    (``k_cache``, ``v_cache``: one tensor per layer, static or paged: ``engine/kv_cache.py``).
 
     :param kernel: decode attention through the Triton kernel (default: where it runs, see
         :func:`decode_kernel`); ``False`` uses SDPA over the masked cache, as on the CPU.
@@ -218,13 +219,14 @@ class Decoder:
         probs = torch.cat([scores, sink], dim=-1).softmax(-1, dtype=torch.float32)[..., :-1]
         return probs.to(q.dtype) @ v
 
-    def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx, deepstack=None, prefix=None):
+    def prefill(self, k_cache, v_cache, x, positions, lengths, slot_idx, deepstack=None, prefix=None, table=None):
         """Embedded prompts x [n, T, D], right-padded, into slots ``slot_idx``; returns last-position
         logits [n, V]. ``deepstack`` (Qwen3-VL): ``(mask [n, T], features)``, features[l] [mask.sum(), D]
         added to the output of layer l at the mask's positions (the image tokens), for the first
         ``len(features)`` layers; decode steps hold no image tokens, so they need none. ``prefix``: the
         keys and values (per layer [kv_heads, P, head_dim]) of P tokens before every row's x, which are
-        copied into the slots and attended to (``engine/prefix.py``); x and positions then start at P."""
+        copied into the slots and attended to (``engine/prefix.py``); x and positions then start at P.
+        ``table``: the slots' blocks of a paged cache (``engine/kv_cache.py``)."""
         import torch
 
         from torch.nn.attention.bias import causal_lower_right
@@ -239,11 +241,11 @@ class Decoder:
             masks[window] = (cols <= rows) & (cols > rows - window)
 
         def write(l, k, v):
-            k_cache[l][slot_idx, :, p:p + t] = stored(k, k_cache[l])
-            v_cache[l][slot_idx, :, p:p + t] = stored(v, v_cache[l])
+            prompt_write(k_cache[l], k, slot_idx, p, table)
+            prompt_write(v_cache[l], v, slot_idx, p, table)
             if p:
-                k_cache[l][slot_idx, :, :p] = stored(prefix[0][l], k_cache[l])
-                v_cache[l][slot_idx, :, :p] = stored(prefix[1][l], v_cache[l])
+                prompt_write(k_cache[l], prefix[0][l].expand(n, -1, -1, -1), slot_idx, 0, table)
+                prompt_write(v_cache[l], prefix[1][l].expand(n, -1, -1, -1), slot_idx, 0, table)
 
         def attend(l, q, k, v, scale):
             # Causal attention over the prompt itself; padding sits after each row's last token.
@@ -256,27 +258,27 @@ class Decoder:
         x = self._layers(x, positions, write, attend, deepstack, lengths)
         return self.logits(x[torch.arange(n, device=x.device), lengths - 1])
 
-    def decode(self, k_cache, v_cache, tokens, pos, rope_offset, slots, columns):
+    def decode(self, k_cache, v_cache, tokens, pos, rope_offset, slots, columns, table=None):
         """Logits [slots, V] after ``tokens`` [slots] at KV index ``pos`` (rope position ``pos + rope_offset``);
-        ``slots`` and ``columns`` are aranges over the cache's first and third axes."""
+        ``slots`` and ``columns`` are aranges over the slots and their width; ``table`` as for :meth:`prefill`."""
         x = self.base.embed_tokens(tokens[:, None])
 
         def write(l, k, v):
-            k_cache[l][slots, :, pos] = stored(k[:, :, 0], k_cache[l])
-            v_cache[l][slots, :, pos] = stored(v[:, :, 0], v_cache[l])
+            step_write(k_cache[l], k[:, :, 0], slots, pos, table)
+            step_write(v_cache[l], v[:, :, 0], slots, pos, table)
 
         if self.kernel:
             def attend(l, q, k, v, scale):
                 return self.kernel(q[:, :, 0], k_cache[l], v_cache[l], pos, scale, self.windows[l], self.sinks[l],
-                                   self.attn_softcap)[:, :, None]
+                                   self.attn_softcap, table=table)[:, :, None]
         else:
             seen = columns[None, :] <= pos[:, None]
             masks = {window: (seen & (columns[None, :] > pos[:, None] - window) if window else seen)[:, None, None, :]
                      for window in set(self.windows)}
 
             def attend(l, q, k, v, scale):  # an FP8 cache read whole in the query's dtype: the CPU's path
-                return self._attention(q, k_cache[l].to(q.dtype), v_cache[l].to(q.dtype), masks[self.windows[l]],
-                                       scale, sinks=self.sinks[l])
+                k, v = dense(k_cache[l], table).to(q.dtype), dense(v_cache[l], table).to(q.dtype)
+                return self._attention(q, k, v, masks[self.windows[l]], scale, sinks=self.sinks[l])
 
         x = self._layers(x, (pos + rope_offset)[:, None], write, attend)
         return self.logits(x[:, 0])

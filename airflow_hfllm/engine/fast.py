@@ -23,12 +23,12 @@ FP8, bitsandbytes 8-bit (no CUDA graphs) or 4-bit, adapters merged; anything els
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.cache import free_memory, in_memory
-from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids, kv_bytes_per_token
+from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids
+from airflow_hfllm.engine.kv_cache import MAX_SLOTS, BlockPool, plan
 from airflow_hfllm.engine.oom import out_of_memory
 from airflow_hfllm.engine.prefix import Prefix, PrefixCache
 from airflow_hfllm.engine.decoder import Decoder, kv_dtype, unsupported_reason
@@ -44,7 +44,6 @@ from airflow_hfllm.engine.loading import LoadedModel
 from airflow_hfllm.config import GenerationParams
 
 log = logging.getLogger(__name__)
-MAX_SLOTS = 512  # the 7B standard batch 10% faster than 256 on an H200 (docs/benchmarks.md); more is unmeasured
 
 
 class FastEngine:
@@ -60,6 +59,8 @@ class FastEngine:
         (``engine/steps.py``; default: on CUDA); ``False``: after the step, as on the CPU.
     :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``); a job decides by size.
     :param kv_cache_dtype: ``"auto"`` (the model's) or ``"fp8"`` (e4m3, ``decoder.stored``; a GPU of capability 8.9+).
+    :param paged: a paged KV cache, each row holding blocks for its own length (``engine/kv_cache.py``);
+        ``kv_blocks``: how many (default: what free memory holds; on the CPU as many as a static cache).
     """
 
     vision = False
@@ -67,7 +68,8 @@ class FastEngine:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  decode_kernel: bool | None = None, prefix_reuse: bool = True, grammar_overlap: bool | None = None,
-                 compile: bool | None = None, kv_cache_dtype: str = "auto",
+                 compile: bool | None = None, kv_cache_dtype: str = "auto", paged: bool = False,
+                 kv_blocks: int | None = None,
                  should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
         if reason:
@@ -80,6 +82,7 @@ class FastEngine:
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
         self.kv_dtype = kv_dtype(kv_cache_dtype, self.device, self.dtype)
+        self.paged, self.kv_blocks, self.table = paged, kv_blocks, None  # table: each slot's blocks, paged
         self.decoder = Decoder(self.model, kernel=decode_kernel, compile=compile)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -99,7 +102,7 @@ class FastEngine:
         self.oom_splits = 0  # times the slots were halved after CUDA ran out of memory
         self.oom_errors = 0  # rows that ran out of memory alone in one slot (they end in error)
         self.steps, self.per_row_seeds, self._prefill_events = 0, True, []  # (start, end) CUDA events not yet added up
-        self._shape = self._graph = None  # (slots, max_len) of the allocated state; the captured decode steps
+        self._shape = self._graph = None  # (slots, max_len, blocks) of the allocated state; the captured steps
         self.eos_tensor = torch.tensor(self.eos or [-1], device=self.device)
         self.sample = Sampler(params, self.vocab, self.eos, self.device)
         self._counted = bool(params.presence_penalty or params.frequency_penalty)
@@ -107,46 +110,26 @@ class FastEngine:
         # not LongRoPE: its prompt's factors depend on the whole prompt's length (engine/arch/longrope.py)
         self.prefix = PrefixCache(prefix_reuse and not self.vision and not self.decoder.longrope)
 
-    # -- sizing ------------------------------------------------------------------------------------
-    def _plan(self, requests: Sequence[Request]) -> tuple[int, int]:
-        """(slots, max_len): max_len fits the longest row, rounded up so later chunks reuse the graph."""
-        import torch
-
-        need = max(len(r.input_ids) + r.max_new_tokens for r in requests)
-        step = (1 << max(6, math.ceil(math.log2(need)))) // 8  # 8 widths per octave: <= 1/8 of the KV spare
-        max_len = max(64, math.ceil(need / step) * step)
-        if self._shape and self._shape[1] >= need:
-            return self._shape
-        if self.max_slots:
-            slots = self.max_slots
-        elif self.device.type == "cuda":
-            self._release()
-            free, _ = torch.cuda.mem_get_info(self.device)
-            per_slot = (max_len * (kv_bytes_per_token(self.model, self.kv_dtype)
-                                   + SlotLogprobs.bytes_per_token(self.params.logprobs))
-                        + self.vocab * (12 if self._counted else 8))
-            # Leave room for prefill activations and the allocator.
-            slots = int(max(0, free - 6 * 2**30) * 0.85 // per_slot)
-            slots = max(8, min(MAX_SLOTS, slots // 8 * 8))
-        else:
-            slots = 16
-        return slots, max_len
-
     def _release(self) -> None:
         self._graph = self._shape = None
-        for name in ("k_cache", "v_cache", "presence", "counts", "out", "logprobs", "mask"):
+        for name in ("k_cache", "v_cache", "table", "presence", "counts", "out", "logprobs", "mask"):
             if hasattr(self, name):
                 delattr(self, name)
         free_memory()
 
-    def _allocate(self, slots: int, max_len: int) -> None:
+    def _allocate(self, slots: int, max_len: int, blocks: int | None) -> None:
         import torch
 
-        if self._shape == (slots, max_len):
+        from airflow_hfllm.engine.kv_cache import BLOCK
+
+        if self._shape == (slots, max_len, blocks):
             return
         self._release()
         dev, n = self.device, len(self.decoder.layers)
-        shape = (slots, self.decoder.kv_heads, max_len, self.decoder.head_dim)
+        shape = (slots if blocks is None else blocks, self.decoder.kv_heads,
+                 max_len if blocks is None else BLOCK, self.decoder.head_dim)
+        # paged: every slot's blocks are block 0 (read by no row) until a row is admitted there
+        self.table = None if blocks is None else torch.zeros((slots, max_len // BLOCK), dtype=torch.long, device=dev)
         self.k_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=dev) for _ in range(n)]
         self.v_cache = [torch.zeros(shape, dtype=self.kv_dtype, device=dev) for _ in range(n)]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # last token, input of the next step
@@ -167,8 +150,9 @@ class FastEngine:
         self.mask = self.constraint.allocate(slots, dev) if self.constraint else None
         self.arange_slots = torch.arange(slots, device=dev)
         self.arange_len = torch.arange(max_len, device=dev)
-        self._shape = (slots, max_len)
-        log.info("fast engine: %d slots x %d tokens of KV cache (%.1f GiB)", slots, max_len,
+        self._shape = (slots, max_len, blocks)
+        log.info("fast engine: %d slots x %d tokens of KV cache%s (%.1f GiB)", slots, max_len,
+                 "" if blocks is None else f", paged: {blocks} blocks of {BLOCK}",
                  2 * n * self.k_cache[0].numel() * self.k_cache[0].element_size() / 2**30)
 
     def _steps(self, count: int) -> None:
@@ -179,7 +163,7 @@ class FastEngine:
     def _forward(self, _=None):
         """A decode step's forward pass: each slot's next-token logits [slots, V]."""
         return self.decoder.decode(self.k_cache, self.v_cache, self.tokens, self.pos, self.rope_offset,
-                                   self.arange_slots, self.arange_len)
+                                   self.arange_slots, self.arange_len, self.table)
 
     def _sampled(self, logits) -> None:
         """A decode step's draw from ``logits`` (under the grammar's masks) and its bookkeeping, in place."""
@@ -253,11 +237,11 @@ class FastEngine:
                     if not sched.waiting:
                         return
                     if sched.needs_plan():
-                        plan = self._plan([row.request for row in sched.waiting])
-                        if not in_memory(self._allocate, *plan):
-                            out_of_memory(self, "allocating the KV cache", plan, sched)
+                        shape = plan(self, [row.request for row in sched.waiting])
+                        if not in_memory(self._allocate, *shape):
+                            out_of_memory(self, "allocating the KV cache", shape, sched)
                             continue
-                        sched.resize(*self._shape)
+                        sched.resize(*self._shape[:2], BlockPool(self._shape[2]) if self.paged else None)
                         self.done.fill_(True)
                 if not in_memory(self._admit_waiting, sched, seed):
                     out_of_memory(self, "prefill", self._shape, sched, prefill=True)
@@ -284,6 +268,10 @@ class FastEngine:
     def _admit_waiting(self, sched: Scheduler, seed: int) -> None:
         """Prefill waiting rows into free slots, group by group; then LongRoPE rows at the original context again."""
         while group := sched.admit(self.prefill_tokens):
+            if self.table is not None:  # the rows' blocks, before their prefill writes there
+                where = self._upload([slot for slot, _ in group])
+                self.table[where] = self._upload([row.blocks + [0] * (self.table.shape[1] - len(row.blocks))
+                                                  for _, row in group])
             window = [row.request.input_ids for row in sched.waiting]
             for prefix, part in self.prefix.split([row.request.input_ids for _, row in group], window, self._prefix):
                 slots, rows = zip(*(group[i] for i in part))
@@ -369,7 +357,7 @@ class FastEngine:
                     presence[slot_idx[:, None], self._upload(prefix.ids)[None]] = True
                 presence = presence[slot_idx]
             logits = self.decoder.prefill(self.k_cache, self.v_cache, x, positions, lengths, slot_idx, deepstack,
-                                          prefix.kv if prefix else None)
+                                          prefix.kv if prefix else None, self.table)
         mask = self.constraint.start(slot_list, dev) if self.constraint else None
         first = self.sample(logits, seeds_t, torch.zeros(n, dtype=torch.long, device=dev), None, presence, mask)
         if self.logprobs is not None:
@@ -403,6 +391,8 @@ class FastEngine:
         counts, outputs = self.n_gen[finished].tolist(), self.out[finished].tolist()
         records = self.logprobs.read(finished, max(counts)) if self.logprobs is not None else [None] * len(counts)
         rows = [sched.release(s) for s in finished]
+        if self.table is not None:  # their blocks may go to other rows: the slots' writes go to block 0 now
+            self.table[self._upload(finished)] = 0
         ends = [self._completion(ids[:n], row.request.max_new_tokens) for row, n, ids in zip(rows, counts, outputs)]
         completions = []
         for row, completion, ids, record in zip(rows, judged(self.constraint, ends), outputs, records):

@@ -11,12 +11,12 @@ from airflow_hfllm.engine.scheduler import Scheduler
 log = logging.getLogger("airflow_hfllm.engine.fast")
 
 
-def out_of_memory(engine, where: str, plan: tuple[int, int], sched: Scheduler, prefill: bool = False) -> None:
-    """After CUDA ran out of memory ``where`` with ``plan`` = (slots, max_len): the running rows go back
+def out_of_memory(engine, where: str, plan: tuple, sched: Scheduler, prefill: bool = False) -> None:
+    """After CUDA ran out of memory ``where`` with ``plan`` = (slots, max_len, blocks): the running rows go back
     to the window and ``engine``'s state is released, to be rebuilt with half the slots (after a prefill, half
     the prefill group too), counted in its ``oom_splits``. One slot: its row ends in error; a KV cache of one
     slot that does not fit raises."""
-    slots, max_len = plan
+    slots, max_len = plan[:2]
     running = sched.preempt()
     engine._release()
     if slots <= 1:

@@ -3,7 +3,7 @@ which rows wait, which slot each running row holds, and which rows are prefilled
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from airflow_hfllm.engine.generate import Completion, Request
@@ -21,6 +21,7 @@ class Row:
     key: Any
     block: int = 0  # which block of arrivals it belongs to; see Scheduler
     status: str = WAITING
+    blocks: list[int] = field(default_factory=list)  # its KV blocks while it runs in a paged cache
 
 
 class Scheduler:
@@ -48,6 +49,7 @@ class Scheduler:
         self.waiting: list[Row] = []
         self.slots: list[Row | None] = []  # the row in each slot; none until the KV cache is allocated
         self.max_len = 0  # tokens per slot
+        self.pool = None  # a paged cache's free blocks (engine/kv_cache.py BlockPool)
         self.ended: list[tuple[Any, Completion]] = []  # rows that ended without decoding
         self.arrived = 0
         self.exhausted = False
@@ -75,25 +77,33 @@ class Scheduler:
         waiting row fits it (then the running rows have drained)."""
         return not self.slots or not any(self.fits(row.request) for row in self.waiting)
 
-    def resize(self, slots: int, max_len: int) -> None:
-        self.slots, self.max_len = [None] * slots, max_len
+    def resize(self, slots: int, max_len: int, pool=None) -> None:
+        self.slots, self.max_len, self.pool = [None] * slots, max_len, pool
+
+    def _tokens(self, row: Row) -> int:
+        return len(row.request.input_ids) + row.request.max_new_tokens
 
     def admit(self, budget: int) -> list[tuple[int, Row]]:
         """The next prefill group, in free slots, as (slot, row): the longest waiting prompts that fit, of
-        the oldest arrival block, within ``budget`` tokens (rows x longest prompt)."""
+        the oldest arrival block, within ``budget`` tokens (rows x longest prompt) and, paged, the free blocks
+        (a row that needs more than are free waits, and the rows after it too: long rows are not starved)."""
         free = [s for s, row in enumerate(self.slots) if row is None]
         group = self._group(len(free), budget) if free else []
         for slot, row in zip(free, group):
             self.slots[slot], row.status = row, RUNNING
             self.waiting.remove(row)
+            if self.pool:
+                row.blocks = self.pool.take(self._tokens(row))
         return list(zip(free, group))
 
     def _group(self, free: int, budget: int) -> list[Row]:
         while True:
             ready = sorted((row for row in self.waiting if self.fits(row.request)),
                            key=lambda row: (row.block, -len(row.request.input_ids)))[:free]
-            group, width = [], 0
+            group, width, blocks = [], 0, len(self.pool.free) if self.pool else 0
             for row in ready:
+                if self.pool and (blocks := blocks - self.pool.need(self._tokens(row))) < 0:
+                    return group  # the rest waits for running rows' blocks
                 error = self.prepare(row)
                 if error is not None:
                     self.waiting.remove(row)
@@ -111,12 +121,17 @@ class Scheduler:
         """The row in ``slot``, which has finished."""
         row, self.slots[slot] = self.slots[slot], None
         row.status = FINISHED
+        if self.pool:
+            self.pool.give(row.blocks)
+        row.blocks = []
         return row
 
     def preempt(self) -> list[Row]:
         """The running rows, out of their slots, which are gone until the next :meth:`resize`."""
         running = [row for row in self.slots if row is not None]
-        self.slots = []
+        self.slots, self.pool = [], None
+        for row in running:
+            row.blocks = []
         return running
 
     def requeue(self, rows: list[Row]) -> None:

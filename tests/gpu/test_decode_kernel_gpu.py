@@ -97,3 +97,37 @@ def test_an_fp8_cache_is_read_as_its_values(case):
     got = decode_attention(q, k, v, pos, scale, window, sink, softcap).float()
     want = reference(q, k.to(torch.bfloat16), v.to(torch.bfloat16), pos, scale, window, sink, softcap)
     assert torch.allclose(got, want, atol=2e-2, rtol=2e-2), (got - want).abs().max().item()
+
+
+def paged(cache, page: int = 64, seed: int = 1):
+    """A [slots, kv_heads, width, head_dim] cache as shuffled blocks [blocks, kv_heads, page, head_dim] (block
+    0 left as garbage, as the engine's) and the table [slots, width / page] that reads it back."""
+    slots, heads, width, dim = cache.shape
+    per_slot = width // page
+    order = torch.randperm(slots * per_slot, generator=torch.Generator().manual_seed(seed)).to(cache.device) + 1
+    blocks = torch.randn(slots * per_slot + 1, heads, page, dim, device=cache.device).to(cache.dtype)
+    blocks[order] = cache.reshape(slots, heads, per_slot, page, dim).transpose(1, 2).reshape(-1, heads, page, dim)
+    return blocks, order.reshape(slots, per_slot)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] % 64 == 0])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_paged_cache_reads_the_keys_its_table_names(case, dtype):
+    """paged=True: each slot's keys in blocks of 64 anywhere in the cache, found through its table (windows
+    that start inside a block, sinks, soft-capping, few and many slots)."""
+    from airflow_hfllm.engine.decode_kernel import decode_attention
+
+    slots, heads, kv_heads, head_dim, width, window, sinks, softcap = case
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    q = torch.randn(slots, heads, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(slots, kv_heads, width, head_dim, device="cuda", dtype=dtype) for _ in "kv")
+    pos = torch.randint(0, width, (slots,), device="cuda")
+    pos[0], pos[-1] = 0, width - 1
+    sink = torch.randn(heads, device="cuda", dtype=dtype) if sinks else None
+    scale = head_dim ** -0.5
+    (k_blocks, table), (v_blocks, _) = paged(k), paged(v)
+    got = decode_attention(q, k_blocks, v_blocks, pos, scale, window, sink, softcap, table=table).float()
+    want = reference(q, k, v, pos, scale, window, sink, softcap)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max().item()

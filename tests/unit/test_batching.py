@@ -104,3 +104,24 @@ def test_scheduler_admits_block_by_block_and_requeues_first():
     assert sched.take_ended()[0][1].error == "bad image" and sched.take_ended() == []
     assert [(r.tag, r.status) for r in sched.waiting] == [(3, WAITING)] and sched.needs_plan()  # 40 tokens
     assert [r.tag for r in entered] == [0, 1, 2, 3, 4, 5, 0, 2, 6]
+
+
+def test_paged_scheduler_admits_by_free_blocks_and_returns_them():
+    from airflow_hfllm.engine.kv_cache import BLOCK, BlockPool
+    from airflow_hfllm.engine.scheduler import Scheduler
+
+    # rows of 1, 3, 1 and 2 blocks (prompt + max_new_tokens); 8 slots but 4 blocks to give (block 0 is kept)
+    tokens = [BLOCK, 3 * BLOCK, BLOCK - 1, BLOCK + 1]
+    sched = Scheduler(((i, Request([0] * (n - 1), 1), i) for i, n in enumerate(tokens)), lookahead=8)
+    sched.refill()
+    pool = BlockPool(5)
+    sched.resize(8, 4 * BLOCK, pool)
+    group = sched.admit(10**6)  # longest prompt first: 3 blocks; the next row needs 2 of the 1 left
+    assert [(s, r.tag, r.blocks) for s, r in group] == [(0, 1, [1, 2, 3])] and pool.free == [4]
+    assert sched.admit(10**6) == []  # row 0 would fit in 1 block, but waits behind row 3: no starving
+    sched.release(0)
+    assert sorted(pool.free) == [1, 2, 3, 4]
+    group = sched.admit(10**6)
+    assert [r.tag for _, r in group] == [3, 0, 2] and [len(r.blocks) for _, r in group] == [2, 1, 1]
+    assert sorted(b for _, r in group for b in r.blocks) == [1, 2, 3, 4] and pool.free == []
+    assert len(sched.preempt()) == 3 and sched.pool is None

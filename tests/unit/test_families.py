@@ -9,6 +9,7 @@ from airflow_hfllm.config import GenerationParams, ModelSpec
 from airflow_hfllm.engine.arch import FAMILIES
 from airflow_hfllm.engine.fast import FastEngine, unsupported_reason
 from airflow_hfllm.engine.generate import BatchedGenerator
+from airflow_hfllm.engine.kv_cache import BlockPool
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.testing.families import (FAMILY_CONFIGS, LONGROPE_CONTEXT, WINDOW, make_family_model,
                                             reference_params, to_mxfp4, window)
@@ -47,6 +48,11 @@ def equal_to_generate(loaded, family):
     fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
     assert [c.text for c in fast] == [c.text for c in reference]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
+    # a paged cache whose blocks hold about 3 rows at a time in 5 slots: rows wait for blocks as well
+    blocks = 3 * max(BlockPool.need(len(r.input_ids) + NEW) for r in requests) + 1
+    engine = FastEngine(loaded, params, slots=5, steps_per_sync=3, paged=True, kv_blocks=blocks)
+    assert [c.text for c in engine.generate(requests)] == [c.text for c in reference]
+    assert engine.table.shape[0] == 5 and engine.k_cache[0].shape[0] == blocks
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))

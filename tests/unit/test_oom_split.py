@@ -87,10 +87,10 @@ def test_fast_engine_halves_its_slots_and_requeues_the_running_rows(loaded, reqs
     if where == "kv_cache":
         allocate = engine._allocate
 
-        def fail(slots, max_len):
+        def fail(slots, max_len, blocks):
             if slots > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            allocate(slots, max_len)
+            allocate(slots, max_len, blocks)
 
         engine._allocate, splits, slots = fail, 2, 2
     elif where == "prefill":
@@ -141,7 +141,7 @@ def test_fast_engine_row_that_does_not_fit_one_slot_ends_in_error(loaded, reqs, 
 def test_fast_engine_kv_cache_of_one_slot_that_does_not_fit_names_the_memory(loaded, reqs):
     engine = FastEngine(loaded, GREEDY, slots=2)
 
-    def fail(slots, max_len):
+    def fail(slots, max_len, blocks):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     engine._allocate = fail
@@ -164,10 +164,10 @@ def test_job_manifest_counts_the_splits(tiny_lm, tmp_path, monkeypatch, engine):
     else:
         allocate = FastEngine._allocate
 
-        def fail(self, slots, max_len):
+        def fail(self, slots, max_len, blocks):
             if slots > 4:  # the CPU plan is 16 slots: 16 -> 8 -> 4
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            allocate(self, slots, max_len)
+            allocate(self, slots, max_len, blocks)
 
         monkeypatch.setattr(FastEngine, "_allocate", fail)
     write_prompts(tmp_path / "in.parquet", 20)

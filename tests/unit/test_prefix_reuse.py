@@ -85,6 +85,10 @@ def test_reuse_equals_generate(family_models, family):
     stats = engine.stats()
     assert stats["prefixes_computed"] == 1
     assert stats["prefix_tokens_saved"] >= 17 * MIN_TOKENS
+    # the prefix copied into each row's own blocks of a paged cache
+    paged = FastEngine(loaded, params, slots=5, steps_per_sync=3, prefill_tokens=1200, paged=True)
+    assert [c.text for c in paged.generate(reqs)] == [c.text for c in reference]
+    assert paged.table is not None and paged.stats()["prefixes_computed"] == 1
 
 
 def test_mixed_prefixes_and_penalties_equal_no_reuse(loaded):

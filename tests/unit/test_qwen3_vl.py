@@ -70,6 +70,8 @@ def test_fast_engine_equals_generate(qwen3_vl, family):
     assert [c.text for c in fast] == [c.text for c in reference]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
     assert [c.output_tokens for c in fast] == [c.output_tokens for c in reference]
+    paged = VisionFastEngine(loaded, params, processor, loader, slots=5, steps_per_sync=3, paged=True)
+    assert [c.text for c in paged.generate(requests)] == [c.text for c in reference] and paged.table is not None
 
 
 def test_deepstack_features_matter(qwen3_vl):

@@ -84,7 +84,7 @@ def recompute(engine, sched) -> None:
         with prefill_attention():
             last = engine.decoder.prefill(engine.k_cache, engine.v_cache, engine.base.embed_tokens(ids),
                                           torch.arange(width, device=engine.device).expand(n, width),
-                                          torch.full((n,), width, device=engine.device), slot_idx)
+                                          torch.full((n,), width, device=engine.device), slot_idx, table=engine.table)
         logits = torch.zeros(len(engine.done), last.shape[-1], dtype=last.dtype, device=engine.device)
         logits[slot_idx] = last
         live = torch.zeros_like(engine.done)

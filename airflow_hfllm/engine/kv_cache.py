@@ -1,0 +1,117 @@
+"""The fast engine's KV cache: its size, and where a row's keys and values go in it.
+
+Two layouts, per layer. *Static*: [slots, kv_heads, width, head_dim], every slot as wide as the longest row
+(a slot is a row's place in the cache). *Paged* (``FastEngine(paged=True)``): [blocks, kv_heads,
+:data:`BLOCK`, head_dim] with a table [slots, width / BLOCK] of each slot's blocks. A row takes the blocks its
+prompt and ``max_new_tokens`` need when it is admitted and gives them back when it leaves, so a mixed batch
+(16-512 new tokens a row) reserves each row's own length, not the longest row's for every slot, and more
+rows decode together in the same memory. Block 0 is never given out: a slot without a row points there (as
+do a padded prefill's positions past a row's blocks), so their writes land where nothing is read.
+:class:`BlockPool` is torch-free, as the scheduler that uses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+BLOCK = 64  # tokens per block: a multiple of the decode kernel's key tiles (engine/decode_kernel.py)
+MAX_SLOTS = 512  # the 7B standard batch 10% faster than 256 on an H200 (docs/benchmarks.md); more is unmeasured
+
+
+class BlockPool:
+    """The paged cache's free blocks (1 .. blocks - 1)."""
+
+    def __init__(self, blocks: int):
+        self.blocks = blocks
+        self.free = list(range(blocks - 1, 0, -1))  # taken from the end: low ids first
+
+    @staticmethod
+    def need(tokens: int) -> int:
+        return -(-tokens // BLOCK)
+
+    def take(self, tokens: int) -> list[int]:
+        n = self.need(tokens)
+        if n > len(self.free):
+            raise RuntimeError(f"{n} KV blocks wanted, {len(self.free)} free")  # the scheduler checks first
+        taken, self.free = self.free[len(self.free) - n:][::-1], self.free[:len(self.free) - n]
+        return taken
+
+    def give(self, blocks: list[int]) -> None:
+        self.free.extend(reversed(blocks))
+
+
+def width(need: int, paged: bool) -> int:
+    """Tokens per slot for rows of up to ``need`` tokens: one of 8 widths per power of two (at least 64), so
+    later chunks mostly reuse the graph and at most 1/8 of a static cache is spare (a power of two spared up
+    to half: Gemma 3 12B's standard batch then fit 480 of its 512 rows); whole blocks when paged."""
+    step = (1 << max(6, math.ceil(math.log2(need)))) // 8
+    return max(64, math.ceil(need / (BLOCK if paged else step)) * (BLOCK if paged else step))
+
+
+def plan(engine, requests) -> tuple[int, int, int | None]:
+    """(slots, width, blocks) of a cache for ``requests`` on ``engine``: the allocated one while it fits
+    them; slots from free GPU memory (at most :data:`MAX_SLOTS`; 16 on the CPU); ``blocks`` (paged) fills
+    what the slots' other state leaves, and ``None`` for a static cache."""
+    import torch
+
+    from airflow_hfllm.engine.generate import kv_bytes_per_token
+    from airflow_hfllm.engine.logprobs import SlotLogprobs
+
+    need = max(len(r.input_ids) + r.max_new_tokens for r in requests)
+    if engine._shape and engine._shape[1] >= need:
+        return engine._shape
+    size = width(need, engine.paged)
+    per_token = kv_bytes_per_token(engine.model, engine.kv_dtype)
+    # the rest of a slot's state: its output ids, log-probabilities and penalty counts
+    state = size * (8 + SlotLogprobs.bytes_per_token(engine.params.logprobs)) + engine.vocab * (
+        12 if engine._counted else 8)
+    if engine.max_slots or engine.device.type != "cuda":
+        slots = engine.max_slots or 16
+        blocks = slots * BlockPool.need(size) + 1 if engine.kv_blocks is None else engine.kv_blocks
+    else:
+        engine._release()
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        budget = max(0, free - 6 * 2**30) * 0.85  # room for prefill activations and the allocator
+        if engine.paged:
+            slots = int(max(8, min(MAX_SLOTS, budget // (state + BLOCK * per_token) // 8 * 8)))
+            blocks = engine.kv_blocks or int((budget - slots * state) // (BLOCK * per_token))
+        else:
+            slots = int(max(8, min(MAX_SLOTS, budget // (size * per_token + state) // 8 * 8)))
+    if engine.paged:
+        blocks = max(blocks, BlockPool.need(size) + 1)  # the widest row fits once the others have drained
+    return slots, size, blocks if engine.paged else None
+
+
+def prompt_write(cache, values, rows, start: int, table=None) -> None:
+    """``values`` [n, kv_heads, t, head_dim] as the keys (or values) of slots ``rows`` [n] at positions
+    ``start .. start + t``."""
+    from airflow_hfllm.engine.decoder import stored
+
+    n, _, t, _ = values.shape
+    if table is None:
+        cache[rows, :, start:start + t] = stored(values, cache)
+        return
+    import torch
+
+    cols = torch.arange(start, start + t, device=values.device)
+    cache[table[rows][:, cols // BLOCK], :, (cols % BLOCK).expand(n, t)] = stored(values.transpose(1, 2), cache)
+
+
+def step_write(cache, values, rows, pos, table=None) -> None:
+    """``values`` [slots, kv_heads, head_dim] as the keys (or values) of slots ``rows`` at positions ``pos``."""
+    from airflow_hfllm.engine.decoder import stored
+
+    if table is None:
+        cache[rows, :, pos] = stored(values, cache)
+    else:
+        cache[table[rows, pos // BLOCK], :, pos % BLOCK] = stored(values, cache)
+
+
+def dense(cache, table=None):
+    """A layer's keys (or values) as [slots, kv_heads, width, head_dim]: a paged cache gathered by its
+    table (the CPU's decode path, which attends over the whole width)."""
+    if table is None:
+        return cache
+    slots, per_slot = table.shape
+    _, heads, block, dim = cache.shape
+    return cache[table].transpose(1, 2).reshape(slots, heads, per_slot * block, dim)
