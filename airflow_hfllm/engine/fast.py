@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from airflow_hfllm.engine.cache import free_memory, in_memory
 from airflow_hfllm.engine.generate import Cancelled, Completion, Request, cut_at_stop, eos_ids
-from airflow_hfllm.engine.kv_cache import MAX_SLOTS, BlockPool, plan
+from airflow_hfllm.engine.kv_cache import BlockPool, plan
 from airflow_hfllm.engine.oom import out_of_memory
 from airflow_hfllm.engine.prefix import Prefix, PrefixCache
 from airflow_hfllm.engine.decoder import Decoder, kv_dtype, unsupported_reason
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 class FastEngine:
     """Completions for many requests at once; see the module docstring.
 
-    :param slots: rows decoding together; default from free GPU memory (at most :data:`MAX_SLOTS`), 16 on CPU.
+    :param slots: rows decoding together; default from free GPU memory (at most ``kv_cache.MAX_SLOTS``), 16 on CPU.
     :param steps_per_sync: decode steps per graph replay between host syncs (1 under a grammar).
     :param prefill_tokens: tokens (rows x longest prompt) per prefill call.
     :param cuda_graphs: capture decode steps as a CUDA graph (default: on CUDA).
@@ -111,8 +111,8 @@ class FastEngine:
         self.prefix = PrefixCache(prefix_reuse and not self.vision and not self.decoder.longrope)
 
     def _release(self) -> None:
-        self._graph = self._shape = None
-        for name in ("k_cache", "v_cache", "table", "presence", "counts", "out", "logprobs", "mask"):
+        self._graph = self._shape = self.table = None
+        for name in ("k_cache", "v_cache", "presence", "counts", "out", "logprobs", "mask"):
             if hasattr(self, name):
                 delattr(self, name)
         free_memory()
