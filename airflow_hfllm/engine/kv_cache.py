@@ -42,10 +42,12 @@ class BlockPool:
 
 def width(need: int, paged: bool) -> int:
     """Tokens per slot for rows of up to ``need`` tokens: one of 8 widths per power of two (at least 64), so
-    later chunks mostly reuse the graph and at most 1/8 of a static cache is spare (a power of two spared up
-    to half: Gemma 3 12B's standard batch then fit 480 of its 512 rows); whole blocks when paged."""
+    later chunks mostly reuse the graph and a static cache spares under 1/8 of the next power of two (a power
+    of two spared up to half: Gemma 3 12B's standard batch then fit 480 of its 512 rows); whole blocks when
+    paged."""
     step = (1 << max(6, math.ceil(math.log2(need)))) // 8
-    return max(64, math.ceil(need / (BLOCK if paged else step)) * (BLOCK if paged else step))
+    size = max(64, math.ceil(need / step) * step)
+    return math.ceil(size / BLOCK) * BLOCK if paged else size
 
 
 def plan(engine, requests) -> tuple[int, int, int | None]:
