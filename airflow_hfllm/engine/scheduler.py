@@ -102,13 +102,13 @@ class Scheduler:
                            key=lambda row: (row.block, -len(row.request.input_ids)))[:free]
             group, width, blocks = [], 0, len(self.pool.free) if self.pool else 0
             for row in ready:
-                if self.pool and (blocks := blocks - self.pool.need(self._tokens(row))) < 0:
-                    return group  # the rest waits for running rows' blocks
-                error = self.prepare(row)
+                error = self.prepare(row)  # first: a vision row's length is exact only after it
                 if error is not None:
                     self.waiting.remove(row)
                     self.fail(row, error)
                     continue
+                if self.pool and (blocks := blocks - self.pool.need(self._tokens(row))) < 0:
+                    return group  # the rest waits for running rows' blocks
                 new_width = max(width, self.cost(row.request))
                 if group and new_width * (len(group) + 1) > budget:
                     break

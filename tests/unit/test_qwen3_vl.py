@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from airflow_hfllm.config import GenerationParams, ModelSpec
+from airflow_hfllm.engine.kv_cache import BlockPool
 from airflow_hfllm.vision.images import ImageLoader
 from airflow_hfllm.vision.sources import ImageSource
 from tests.conftest import prompt_text
@@ -70,8 +71,13 @@ def test_fast_engine_equals_generate(qwen3_vl, family):
     assert [c.text for c in fast] == [c.text for c in reference]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
     assert [c.output_tokens for c in fast] == [c.output_tokens for c in reference]
-    paged = VisionFastEngine(loaded, params, processor, loader, slots=5, steps_per_sync=3, paged=True)
-    assert [c.text for c in paged.generate(requests)] == [c.text for c in reference] and paged.table is not None
+    # a paged cache of two rows' blocks in 5 slots: a row's blocks counted from its exact length, once its
+    # images are ready and expanded
+    blocks = 2 * BlockPool.need(max(len(r.input_ids) + r.max_new_tokens for r in requests)) + 1  # expanded
+    paged = VisionFastEngine(loaded, params, processor, loader, slots=5, steps_per_sync=3, paged=True,
+                             kv_blocks=blocks)
+    fresh = setup(qwen3_vl(family))[-1]  # placeholders not yet expanded
+    assert [c.text for c in paged.generate(fresh)] == [c.text for c in reference] and paged.table is not None
 
 
 def test_deepstack_features_matter(qwen3_vl):
