@@ -49,6 +49,9 @@ def test_compiled_engine_gives_the_eager_tokens(tmp_path, quick_inductor, family
     again = engine.generate(requests[:4])  # fewer rows, other lengths: dynamic shapes, nothing compiles
     assert counters["frames"]["total"] == frames
     assert [c.text for c in again] == [c.text for c in eager[:4]]
+    # a paged cache: the writes and reads around the compiled pieces change, the pieces do not
+    paged = FastEngine(loaded, params, slots=ROWS, steps_per_sync=3, compile=True, paged=True)
+    assert [c.text for c in paged.generate(requests)] == [c.text for c in eager] and paged.table is not None
 
 
 def test_a_compile_failure_runs_eager_with_one_warning(loaded, monkeypatch, caplog):
