@@ -22,7 +22,6 @@ class BlockPool:
     """The paged cache's free blocks (1 .. blocks - 1)."""
 
     def __init__(self, blocks: int):
-        self.blocks = blocks
         self.free = list(range(blocks - 1, 0, -1))  # taken from the end: low ids first
 
     @staticmethod
@@ -58,8 +57,9 @@ def plan(engine, requests) -> tuple[int, int, int | None]:
 
     from airflow_hfllm.engine.generate import kv_bytes_per_token
     from airflow_hfllm.engine.logprobs import SlotLogprobs
+    from airflow_hfllm.engine.scheduler import tokens
 
-    need = max(len(r.input_ids) + r.max_new_tokens for r in requests)
+    need = max(map(tokens, requests))
     if engine._shape and engine._shape[1] >= need:
         return engine._shape
     size = width(need, engine.paged)
@@ -69,7 +69,7 @@ def plan(engine, requests) -> tuple[int, int, int | None]:
         12 if engine._counted else 8)
     if engine.max_slots or engine.device.type != "cuda":
         slots = engine.max_slots or 16
-        blocks = slots * BlockPool.need(size) + 1 if engine.kv_blocks is None else engine.kv_blocks
+        blocks = engine.kv_blocks or slots * BlockPool.need(size) + 1  # paged: a static cache's memory
     else:
         engine._release()
         free, _ = torch.cuda.mem_get_info(engine.device)

@@ -11,6 +11,11 @@ from airflow_hfllm.engine.generate import Completion, Request
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
+def tokens(request: Request) -> int:
+    """The KV positions a row takes: its prompt and every token it may generate."""
+    return len(request.input_ids) + request.max_new_tokens
+
+
 @dataclass(eq=False)
 class Row:
     """One request through the engine; ``tag`` and ``key`` (its id, which its samples depend on) are the
@@ -70,7 +75,7 @@ class Scheduler:
         return any(row is not None for row in self.slots)
 
     def fits(self, request: Request) -> bool:
-        return len(request.input_ids) + request.max_new_tokens <= self.max_len
+        return tokens(request) <= self.max_len
 
     def needs_plan(self) -> bool:
         """Whether the KV cache must be (re)allocated before the waiting rows can run: there is none, or no
@@ -79,9 +84,6 @@ class Scheduler:
 
     def resize(self, slots: int, max_len: int, pool=None) -> None:
         self.slots, self.max_len, self.pool = [None] * slots, max_len, pool
-
-    def _tokens(self, row: Row) -> int:
-        return len(row.request.input_ids) + row.request.max_new_tokens
 
     def admit(self, budget: int) -> list[tuple[int, Row]]:
         """The next prefill group, in free slots, as (slot, row): the longest waiting prompts that fit, of
@@ -93,7 +95,7 @@ class Scheduler:
             self.slots[slot], row.status = row, RUNNING
             self.waiting.remove(row)
             if self.pool:
-                row.blocks = self.pool.take(self._tokens(row))
+                row.blocks = self.pool.take(tokens(row.request))
         return list(zip(free, group))
 
     def _group(self, free: int, budget: int) -> list[Row]:
@@ -107,7 +109,7 @@ class Scheduler:
                     self.waiting.remove(row)
                     self.fail(row, error)
                     continue
-                if self.pool and (blocks := blocks - self.pool.need(self._tokens(row))) < 0:
+                if self.pool and (blocks := blocks - self.pool.need(tokens(row.request))) < 0:
                     return group  # the rest waits for running rows' blocks
                 new_width = max(width, self.cost(row.request))
                 if group and new_width * (len(group) + 1) > budget:
