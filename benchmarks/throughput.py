@@ -22,7 +22,8 @@ anything compiled during the timed run. ``ours-fp8kv`` and ``ours-compiled-fp8kv
 (e4m3) KV cache (``kv_cache_dtype="fp8"``): half the cache's memory (slots sized from free memory double)
 and half the keys and values read per decode step. ``ours-paged`` and ``ours-compiled-paged`` take a paged KV
 cache (``FastEngine(paged=True)``, ``engine/kv_cache.py``): each row holds blocks for its own length, so the
-mixed batch fits more rows in the same memory.
+mixed batch fits more rows in the same memory; ``ours-static`` and ``ours-compiled-static`` a static one. The
+other paths take the engine's choice (paged where memory holds fewer static slots than the most it takes).
 
 ``--quantization 8bit,4bit`` runs the padded path (and ``ours``, which refuses quantized weights and is
 then skipped with a note) on bitsandbytes models. bitsandbytes quantizes while loading, so the random
@@ -425,18 +426,20 @@ def run_path(path: str, shape: str, batch: str, dtype: str, quantization: str = 
         if len(got) != len(requests):
             note += f" {len(requests) - len(got)} requests missing from the result"
     elif path in ("ours", "ours-sdpa", "ours-noprefix", "ours-serial", "ours-compiled", "ours-fp8kv",
-                  "ours-compiled-fp8kv", "ours-paged", "ours-compiled-paged"):
+                  "ours-compiled-fp8kv", "ours-paged", "ours-compiled-paged", "ours-static",
+                  "ours-compiled-static"):
         if fast_refuses:
             return dict(skipped=fast_refuses)
         # ours-sdpa: the same engine with decode attention through SDPA over the masked cache (the CPU's
         # path) instead of the Triton kernel, for comparison; ours-serial: a grammar's mask work after each
         # step instead of during its forward pass; ours-noprefix: without shared-prefix reuse (engine/prefix.py);
-        # ours-compiled: with torch.compile around attention; -fp8kv: an e4m3 KV cache; -paged: a paged one
+        # ours-compiled: with torch.compile around attention; -fp8kv: an e4m3 KV cache; -paged, -static: that
+        # KV layout, where the others take the engine's choice (engine/kv_cache.py plan)
         engine = FastEngine(loaded, params, slots=slots, decode_kernel=path != "ours-sdpa",
                             grammar_overlap=path != "ours-serial", prefix_reuse=path != "ours-noprefix",
                             compile=path.startswith("ours-compiled"),
                             kv_cache_dtype="fp8" if path.endswith("-fp8kv") else "auto",
-                            paged=path.endswith("-paged"))
+                            paged={"paged": True, "static": False}.get(path.rsplit("-", 1)[-1]))
         longest = max(requests, key=lambda r: len(r.input_ids) + r.max_new_tokens)
         engine.generate(requests[:63] + [longest])  # warm-up: allocates the cache, captures the graph, compiles
         engine.generate(requests[64:65])  # a prefill group of one row: its own compiled shape class

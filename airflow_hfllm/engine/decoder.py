@@ -1,5 +1,5 @@
 """The decoder stack of a model of one of :mod:`airflow_hfllm.engine.arch`'s families through its own
-modules, over the fast engine's static KV cache, and which models it can run (:func:`unsupported_reason`)."""
+modules, over the fast engine's KV cache, and which models it can run (:func:`unsupported_reason`)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def decode_kernel(device) -> object | None:
 
 
 class Decoder:
-    """The decoder stack of ``model`` through its own modules, over the fast engine's static KV cache
+    """The decoder stack of ``model`` through its own modules, over the fast engine's KV cache
     (``k_cache``, ``v_cache``: one tensor per layer, static or paged: ``engine/kv_cache.py``).
 
     :param kernel: decode attention through the Triton kernel (default: where it runs, see

@@ -1,4 +1,4 @@
-"""The fast engine: continuous batching over a static KV cache, decode steps replayed as a CUDA graph.
+"""The fast engine: continuous batching over a static or paged KV cache, decode steps replayed as a CUDA graph.
 
 ``generate()`` of transformers pays Python overhead on every step and pads every batch to its slowest row.
 Here a fixed number of *slots* decode together: a row that finishes leaves its slot and a waiting row is
@@ -60,7 +60,9 @@ class FastEngine:
     :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``); a job decides by size.
     :param kv_cache_dtype: ``"auto"`` (the model's) or ``"fp8"`` (e4m3, ``decoder.stored``; a GPU of capability 8.9+).
     :param paged: a paged KV cache, each row holding blocks for its own length (``engine/kv_cache.py``);
-        ``kv_blocks``: how many (default: what free memory holds; on the CPU as many as a static cache).
+        ``None``: where memory limits the slots on a GPU (``kv_cache.plan``). ``kv_blocks``: how many
+        (default: what free memory holds, up to every slot's widest row; with ``slots``, or on the CPU, as
+        many as a static cache).
     """
 
     vision = False
@@ -68,7 +70,7 @@ class FastEngine:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, slots: int | None = None,
                  steps_per_sync: int = 16, prefill_tokens: int = 16_384, cuda_graphs: bool | None = None,
                  decode_kernel: bool | None = None, prefix_reuse: bool = True, grammar_overlap: bool | None = None,
-                 compile: bool | None = None, kv_cache_dtype: str = "auto", paged: bool = False,
+                 compile: bool | None = None, kv_cache_dtype: str = "auto", paged: bool | None = None,
                  kv_blocks: int | None = None,
                  should_stop: Callable[[], bool] | None = None, on_batch: Callable[[int, int], None] | None = None):
         reason = unsupported_reason(loaded, self.vision)
@@ -82,7 +84,7 @@ class FastEngine:
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
         self.kv_dtype = kv_dtype(kv_cache_dtype, self.device, self.dtype)
-        self.paged, self.kv_blocks, self.table = paged, kv_blocks, None  # table: each slot's blocks, paged
+        self.paging, self.kv_blocks, self.table = paged, kv_blocks, None  # table: each slot's blocks, paged
         self.decoder = Decoder(self.model, kernel=decode_kernel, compile=compile)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -109,6 +111,10 @@ class FastEngine:
         self.columns = Columns(loaded.tokenizer)
         # not LongRoPE: its prompt's factors depend on the whole prompt's length (engine/arch/longrope.py)
         self.prefix = PrefixCache(prefix_reuse and not self.vision and not self.decoder.longrope)
+
+    @property
+    def paged(self) -> bool:
+        return self.table is not None  # the allocated cache's layout
 
     def _release(self) -> None:
         self._graph = self._shape = self.table = None

@@ -121,7 +121,7 @@ def choose(kind, loaded, params, config, *, should_stop: Callable[[], bool], on_
         compile = {"on": True, "off": False}.get(
             config.compile, loaded.device.type == "cuda" and not kind.vision and output_tokens >= COMPILE_MIN_TOKENS
             and quant_method(loaded.model.config) != "bitsandbytes")
-        log.info("engine: fast (continuous batching, static KV cache%s%s) on %s",
+        log.info("engine: fast (continuous batching%s%s) on %s",
                  ", CUDA graphs" if loaded.device.type == "cuda" else "",
                  ", layers compiled (torch.compile)" if compile else "", loaded.device)
         return StreamDriver(fast(loaded, params, slots=config.batch_size, compile=compile,
