@@ -11,8 +11,9 @@ keys are masked in it, and SDPA's memory-efficient kernel does QK^T + bias, the 
 kernel: about a third of the memory traffic, the same math. Compiled, inductor fuses the sum and the mask
 into one kernel. Adding the two terms inside the attention kernel instead (FlexAttention's ``score_mod``,
 no bias tensor at all) was measured slower on an H200, and its compiled CPU kernel got lengths off its
-128 blocks wrong (docs/benchmarks.md, 2026-12-03). The padding is masked as keys only (transformers also masks padded queries,
-whose outputs nothing reads: the classifier pools the first token and real tokens never attend to pads).
+128 blocks wrong (docs/benchmarks.md, 2026-12-03). The padding is masked as keys only (transformers also
+masks padded queries, whose outputs nothing reads: the classifier pools the first token and real tokens
+never attend to pads).
 
 :func:`lean_attention` swaps each attention module's ``forward`` for the duration of a ``with`` block,
 so the model in the cache stays as transformers made it.
