@@ -117,14 +117,17 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
         rel = self.pos_dropout(rel_embeddings)[:2 * span]
         # the embedding row of each distance i - j, from w - 1 down to 1 - w (rel_pos's last row, then its first)
         index = (torch.cat([rel_pos[-1], rel_pos[0, 1:]]) + span).clamp(0, 2 * span - 1)
+        # distances padded to a multiple of 8: cuBLAS runs an odd 2w - 1 in a slow sm75 kernel (H200 profile)
+        extra = -(2 * w - 1) % 8
+        c2p_rows, p2c_rows = (torch.cat([x, x[-1:].expand(extra)]) for x in (index, index.flip(0)))
         terms = []
         if "c2p" in kinds:  # query i . position key of (i - j): c2p[i, t] at t = j - i + w - 1
             pos_k = (self.key_proj(rel) if self.share_att_key else self.pos_key_proj(rel)).view(2 * span, heads, -1)
-            c2p = torch.einsum("bhid,thd->bhit", q * scale, pos_k[index]).contiguous()
+            c2p = torch.einsum("bhid,thd->bhit", q * scale, pos_k[c2p_rows]).contiguous()
             terms.append(_diagonals(c2p, transposed=False))
         if "p2c" in kinds:  # key j . position query of (i - j), as transformers' p2c: p2c[j, t] at t = i - j + w - 1
             pos_q = (self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel)).view(2 * span, heads, -1)
-            p2c = torch.einsum("bhjd,thd->bhjt", k * scale, pos_q[index.flip(0)]).contiguous()
+            p2c = torch.einsum("bhjd,thd->bhjt", k * scale, pos_q[p2c_rows]).contiguous()
             terms.append(_diagonals(p2c, transposed=True))
         if torch.compiler.is_compiling():  # inductor fuses the sum and the mask, and aligns the bias for SDPA
             bias = sum(terms)
@@ -150,17 +153,17 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
 
 
 def _diagonals(scores, transposed: bool):
-    """[b, heads, w, w] of ``scores`` [b, heads, w, 2w - 1] by distance (index ``w - 1``: distance 0):
-    (i, j) is ``scores[i, j - i + w - 1]``, or with ``transposed`` ``scores[j, i - j + w - 1]``. Eager, a
+    """[b, heads, w, w] of ``scores`` [b, heads, w, T] by distance (T >= 2w - 1; index ``w - 1``: distance
+    0): (i, j) is ``scores[i, j - i + w - 1]``, or with ``transposed`` ``scores[j, i - j + w - 1]``. Eager, a
     strided view (the skew of Transformer-XL's relative attention: nothing is copied); compiled, a gather
     by an index inductor computes in the kernel that adds the terms (a strided view of symbolic strides
     would compile again for every width)."""
     import torch
 
-    b, heads, w, _ = scores.shape
+    b, heads, w, t = scores.shape
     if torch.compiler.is_compiling():
         ids = torch.arange(w, device=scores.device)
         taken = torch.gather(scores, -1, (ids[None, :] - ids[:, None] + w - 1).expand(b, heads, w, w))
         return taken.transpose(-1, -2) if transposed else taken
-    strides = (1, 2 * w - 2) if transposed else (2 * w - 2, 1)
+    strides = (1, t - 1) if transposed else (t - 1, 1)
     return scores.as_strided((b, heads, w, w), (*scores.stride()[:2], *strides), scores.storage_offset() + w - 1)
