@@ -221,10 +221,10 @@ def classifier_checker(shape: str, device, dtype, folder: str, **options):
 
 def classifier_flops(config, lengths: list[int]) -> float:
     """Matmul FLOPs of a deberta-v3 encoder over rows of ``lengths`` tokens (no padding): per layer and
-    token the projections and MLP; per layer and row QK^T and AV (L x L) and c2p / p2c (L x the 2L - 1
-    distances they are computed for, ``safety/deberta.py``)."""
+    token the projections and MLP; per layer and row QK^T and AV (L x L) and c2p / p2c (L x 2 buckets)."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    per_row = sum(2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d + 4 * n * (2 * n - 1) * d for n in lengths)
+    span = 2 * (config.position_buckets if config.position_buckets > 0 else config.max_position_embeddings)
+    per_row = sum(2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d + 4 * n * span * d for n in lengths)
     return float(layers * per_row)
 
 

@@ -4,16 +4,14 @@ transformers has no SDPA path for DeBERTa-v2 (``DisentangledSelfAttention`` is e
 content-to-position (c2p) and position-to-content (p2c) scores (each a product with the relative-position
 embeddings, then a gather by relative distance), their scaling and sum, the mask, the softmax and AV are
 each a pass over a [rows, heads, L, L] tensor, ~30 per layer. Here the two relative-position terms are
-computed for the 2L - 1 distances a pass of width L has (not all 2 x ``position_buckets`` embeddings: half
-the products for rows under 128 tokens), read along their diagonals into one bias [rows, heads, L, L]
-(already scaled; a strided view when eager, Transformer-XL's skew, so nothing is gathered), the padded
-keys are masked in it, and SDPA's memory-efficient kernel does QK^T + bias, the softmax and AV in one
-kernel: about a third of the memory traffic, the same math. Compiled, inductor fuses the sum and the mask
-into one kernel. Adding the two terms inside the attention kernel instead (FlexAttention's ``score_mod``,
-no bias tensor at all) was measured slower on an H200, and its compiled CPU kernel got lengths off its
-128 blocks wrong (docs/benchmarks.md, 2026-12-03). The padding is masked as keys only (transformers also
-masks padded queries, whose outputs nothing reads: the classifier pools the first token and real tokens
-never attend to pads).
+gathered straight into one bias [rows, heads, L, L] (already scaled; p2c gathered along the key axis of
+its transposed product, so nothing is read strided), the padded keys are masked in it, and SDPA's
+memory-efficient kernel does QK^T + bias, the softmax and AV in one kernel: about a third of the memory
+traffic, the same math. Compiled, inductor fuses the gathers and the sum into one kernel. Adding the two
+terms inside the attention kernel instead (FlexAttention's ``score_mod``, no bias tensor at all) was
+measured slower on an H200, and its compiled CPU kernel got lengths off its 128 blocks wrong
+(docs/benchmarks.md, 2026-12-03). The padding is masked as keys only (transformers also masks padded queries,
+whose outputs nothing reads: the classifier pools the first token and real tokens never attend to pads).
 
 :func:`lean_attention` swaps each attention module's ``forward`` for the duration of a ``with`` block,
 so the model in the cache stays as transformers made it.
@@ -115,29 +113,23 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
         rel_pos = relative_pos.reshape(w, w).to(device=q.device, dtype=torch.long)  # bucketed i - j
         span = self.pos_ebd_size
         rel = self.pos_dropout(rel_embeddings)[:2 * span]
-        # the embedding row of each distance i - j, from w - 1 down to 1 - w (rel_pos's last row, then its first)
-        index = (torch.cat([rel_pos[-1], rel_pos[0, 1:]]) + span).clamp(0, 2 * span - 1)
-        # distances padded to a multiple of 8: cuBLAS runs an odd 2w - 1 in a slow sm75 kernel (H200 profile)
-        extra = -(2 * w - 1) % 8
-        c2p_rows, p2c_rows = (torch.cat([x, x[-1:].expand(extra)]) for x in (index, index.flip(0)))
-        terms = []
-        if "c2p" in kinds:  # query i . position key of (i - j): c2p[i, t] at t = j - i + w - 1
+        index = (rel_pos + span).clamp(0, 2 * span - 1).expand(b, heads, w, w)  # [i, j]: the bucket of i - j
+        terms = []  # (scores by position, the dim to gather along)
+        if "c2p" in kinds:  # query i . position key of (i - j)
             pos_k = (self.key_proj(rel) if self.share_att_key else self.pos_key_proj(rel)).view(2 * span, heads, -1)
-            c2p = torch.einsum("bhid,thd->bhit", q * scale, pos_k[c2p_rows]).contiguous()
-            terms.append(_diagonals(c2p, transposed=False))
-        if "p2c" in kinds:  # key j . position query of (i - j), as transformers' p2c: p2c[j, t] at t = i - j + w - 1
+            terms.append((torch.einsum("bhid,phd->bhip", q * scale, pos_k), -1))
+        if "p2c" in kinds:  # key j . position query of (i - j), as transformers' p2c gathers it
             pos_q = (self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel)).view(2 * span, heads, -1)
-            p2c = torch.einsum("bhjd,thd->bhjt", k * scale, pos_q[p2c_rows]).contiguous()
-            terms.append(_diagonals(p2c, transposed=True))
-        if torch.compiler.is_compiling():  # inductor fuses the sum and the mask, and aligns the bias for SDPA
-            bias = sum(terms)
+            terms.append((torch.einsum("phd,bhjd->bhpj", pos_q, k * scale), -2))  # positions first: along dim -2
+        if torch.compiler.is_compiling():  # inductor fuses the gathers and the sum, and aligns the bias for SDPA
+            bias = sum(torch.gather(x, dim, index) for x, dim in terms)
         else:
             # rows of the bias padded to 8 elements: SDPA's memory-efficient kernel takes it as is (an
             # unaligned one it copies into an aligned one first)
             bias = torch.empty(b, heads, w, -(-w // 8) * 8, dtype=q.dtype, device=q.device)[..., :w]
-            bias.copy_(terms[0])
-            for term in terms[1:]:
-                bias.add_(term)
+            torch.gather(*terms[0], index, out=bias)
+            for x, dim in terms[1:]:
+                bias.add_(torch.gather(x, dim, index))
     if bias is None:
         mask = keep
     else:
@@ -150,20 +142,3 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).reshape(b, w, -1), None
-
-
-def _diagonals(scores, transposed: bool):
-    """[b, heads, w, w] of ``scores`` [b, heads, w, T] by distance (T >= 2w - 1; index ``w - 1``: distance
-    0): (i, j) is ``scores[i, j - i + w - 1]``, or with ``transposed`` ``scores[j, i - j + w - 1]``. Eager, a
-    strided view (the skew of Transformer-XL's relative attention: nothing is copied); compiled, a gather
-    by an index inductor computes in the kernel that adds the terms (a strided view of symbolic strides
-    would compile again for every width)."""
-    import torch
-
-    b, heads, w, t = scores.shape
-    if torch.compiler.is_compiling():
-        ids = torch.arange(w, device=scores.device)
-        taken = torch.gather(scores, -1, (ids[None, :] - ids[:, None] + w - 1).expand(b, heads, w, w))
-        return taken.transpose(-1, -2) if transposed else taken
-    strides = (1, t - 1) if transposed else (t - 1, 1)
-    return scores.as_strided((b, heads, w, w), (*scores.stride()[:2], *strides), scores.storage_offset() + w - 1)
