@@ -55,9 +55,9 @@ def plan(engine, requests) -> tuple[int, int, int | None]:
     them; slots from free GPU memory (at most :data:`MAX_SLOTS`; 16 on the CPU); ``blocks`` for a paged
     cache, else ``None``. ``engine.paging`` ``None`` (auto) pages on a GPU with the decode kernel where
     memory holds fewer static slots than :data:`MAX_SLOTS`: on an H200 that ran Gemma 3 12B's mixed batch
-    in 512 paged slots 11% faster than in 272 static ones (4% compiled), where a 7B's 512 static slots ran
-    2% faster than paged (docs/benchmarks.md). Paged blocks fill what the slots' other state leaves, up to every slot's
-    widest row: more would never be taken."""
+    in 512 paged slots 11% faster than in 272 static ones (5% compiled), where a 7B's 512 static slots ran
+    2% faster than paged (docs/benchmarks.md). Paged blocks fill what the slots' other state leaves, up to
+    every slot's widest row: more would never be taken."""
     import torch
 
     from airflow_hfllm.engine.generate import kv_bytes_per_token
