@@ -60,9 +60,9 @@ class FastEngine:
     :param compile: ``torch.compile`` the layers around attention (``engine/compiled.py``); a job decides by size.
     :param kv_cache_dtype: ``"auto"`` (the model's) or ``"fp8"`` (e4m3, ``decoder.stored``; a GPU of capability 8.9+).
     :param paged: a paged KV cache, each row holding blocks for its own length (``engine/kv_cache.py``);
-        ``None``: where memory limits the slots on a GPU (``kv_cache.plan``). ``kv_blocks``: how many
-        (default: what free memory holds, up to every slot's widest row; with ``slots``, or on the CPU, as
-        many as a static cache).
+        ``None``: where memory limits the slots on a GPU (``kv_cache.plan``), or where ``kv_blocks`` is given.
+        ``kv_blocks``: how many (default: what free memory holds, up to every slot's widest row; with
+        ``slots``, or on the CPU, as many as a static cache).
     """
 
     vision = False
@@ -84,7 +84,8 @@ class FastEngine:
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.get_input_embeddings().weight.dtype
         self.kv_dtype = kv_dtype(kv_cache_dtype, self.device, self.dtype)
-        self.paging, self.kv_blocks, self.table = paged, kv_blocks, None  # table: each slot's blocks, paged
+        self.paging = True if paged is None and kv_blocks else paged  # None: kv_cache.plan decides
+        self.kv_blocks, self.table = kv_blocks, None  # table: each slot's blocks, paged
         self.decoder = Decoder(self.model, kernel=decode_kernel, compile=compile)
         self.base = self.decoder.base
         self.vocab = self.model.get_output_embeddings().weight.shape[0]

@@ -48,9 +48,9 @@ def equal_to_generate(loaded, family):
     fast = FastEngine(loaded, params, slots=5, steps_per_sync=3).generate(requests)  # rows join and leave
     assert [c.text for c in fast] == [c.text for c in reference]
     assert [c.finish_reason for c in fast] == [c.finish_reason for c in reference]
-    # a paged cache whose blocks hold about 3 rows at a time in 5 slots: rows wait for blocks as well
+    # a paged cache (kv_blocks given) whose blocks hold about 3 rows at a time in 5 slots: rows wait for blocks
     blocks = 3 * max(BlockPool.need(len(r.input_ids) + NEW) for r in requests) + 1
-    engine = FastEngine(loaded, params, slots=5, steps_per_sync=3, paged=True, kv_blocks=blocks)
+    engine = FastEngine(loaded, params, slots=5, steps_per_sync=3, kv_blocks=blocks)
     assert [c.text for c in engine.generate(requests)] == [c.text for c in reference]
     assert engine.table.shape[0] == 5 and engine.k_cache[0].shape[0] == blocks
 
