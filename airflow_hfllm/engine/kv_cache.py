@@ -73,25 +73,30 @@ def plan(engine, requests) -> tuple[int, int, int | None]:
         return size * (8 + SlotLogprobs.bytes_per_token(engine.params.logprobs)) + engine.vocab * (
             12 if engine._counted else 8)
 
+    room = None  # blocks that free GPU memory holds besides the slots' other state
     if engine.max_slots or engine.device.type != "cuda":
         paged, slots = bool(engine.paging), engine.max_slots or 16
         size = width(need, paged)
-        blocks = engine.kv_blocks or slots * BlockPool.need(size) + 1  # a static cache's memory
     else:
         engine._release()
         free, _ = torch.cuda.mem_get_info(engine.device)
         budget = max(0, free - 6 * 2**30) * 0.85  # room for prefill activations and the allocator
+
+        def fit(per_slot: float) -> int:
+            return int(max(8, min(MAX_SLOTS, budget // per_slot // 8 * 8)))
+
         size = width(need, False)
-        slots = int(max(8, min(MAX_SLOTS, budget // (size * per_token + state(size)) // 8 * 8)))
+        slots = fit(size * per_token + state(size))
         paged = engine.paging if engine.paging is not None else (
             engine.decoder.kernel is not None and slots < MAX_SLOTS)
         if paged:
             size = width(need, True)
-            slots = int(max(8, min(MAX_SLOTS, budget // (state(size) + BLOCK * per_token) // 8 * 8)))
-            blocks = engine.kv_blocks or int(min((budget - slots * state(size)) // (BLOCK * per_token),
-                                                 slots * BlockPool.need(size) + 1))
+            slots = fit(state(size) + BLOCK * per_token)
+            room = (budget - slots * state(size)) // (BLOCK * per_token)
     if not paged:
         return slots, size, None
+    full = slots * BlockPool.need(size) + 1  # every slot's widest row (a static cache's memory)
+    blocks = engine.kv_blocks or int(full if room is None else min(room, full))
     return slots, size, max(blocks, BlockPool.need(size) + 1)  # the widest row fits once the others drained
 
 
