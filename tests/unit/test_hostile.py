@@ -153,12 +153,14 @@ def test_templates_escaping_the_sandbox_are_refused_and_never_run(tiny_lm, tmp_p
 @pytest.mark.parametrize("template", [None, "Question: {{ row.prompt }}"], ids=["column", "template"])
 def test_jinja_in_a_prompt_value_is_passed_through_literally(tiny_lm, tmp_path, template):
     marker = tmp_path / "pwned"
-    values = ["what is {{ 7*7 }}", "what is 49", f"{{{{ cycler.__init__.__globals__.os.makedirs('{marker}') }}}}"]
+    # a word, not a number: pytest's temporary folders (in row 2's marker path) are numbered
+    values = ["what is a {{ 'quag' ~ 'ga' }}", "what is a quagga",
+              f"{{{{ cycler.__init__.__globals__.os.makedirs('{marker}') }}}}"]
     pd.DataFrame({"id": [0, 1, 2], "prompt": values}).to_parquet(tmp_path / "in.parquet")
-    (tmp_path / "terms.txt").write_text("49\n")
+    (tmp_path / "terms.txt").write_text("quagga\n")
     job(tiny_lm, tmp_path, prompt_template=template, safety_checkers=[f"blocklist:{tmp_path / 'terms.txt'}"]).run()
     out = pd.read_parquet(tmp_path / "out").sort_values("id").reset_index(drop=True)
-    # Row 1 says 49 itself: the checker does read the prompt. Row 0 would say 49 only if rendered.
+    # Row 1 says quagga itself: the checker does read the prompt. Row 0 would say it only if rendered.
     assert out.prompt_safe.tolist() == [True, False, True]
     assert out.finish_reason[1] == "unsafe_prompt"
     assert out.error.isna().all() and out.output[[0, 2]].notna().all()
