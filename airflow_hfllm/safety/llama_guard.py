@@ -245,10 +245,15 @@ class LlamaGuardChecker(SafetyChecker):
         safe_id, unsafe_id = self._answer["safe"][0], self._answer["unsafe"][0]
         scores = [0.0] * len(rows)
         by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        for batch in batches(by_length, rows, self.batch_size, self.token_budget):
-            pair = self._run(loaded, kind, [rows[i] for i in batch])[:, [safe_id, unsafe_id]]
+        passes = list(batches(by_length, rows, self.batch_size, self.token_budget))
+        # the pairs stay on the device until the last pass: nothing waits on the GPU in between
+        pairs = [self._run(loaded, kind, [rows[i] for i in batch])[:, [safe_id, unsafe_id]] for batch in passes]
+        if pairs:
+            import torch
+
+            pair = torch.cat(pairs)
             require_finite(pair, self.name)
-            for i, p in zip(batch, pair.softmax(-1)[:, 1].tolist()):
+            for i, p in zip((i for batch in passes for i in batch), pair.softmax(-1)[:, 1].tolist()):
                 scores[i] = p
         unsafe = [i for i, s in enumerate(scores) if s >= self.threshold]
         self.stats.update(unsafe_rows=len(unsafe))

@@ -7,8 +7,11 @@ the prefix cache is concatenated through ``DynamicCache``. Here instead:
 
 - rows are padded on the *right*: under causal attention a real token never sees the padding after
   it, so no mask is needed and all rows share positions ``prefix + 0..w-1``;
-- attention is flash attention with the causal diagonal aligned to the bottom right (queries are the
-  last ``w`` of ``prefix + w`` keys), on the prefix keys concatenated with the row's;
+- attention is two flash attention calls merged by their log-sum-exp (:func:`prefix_attention`): every
+  row's queries as one sequence over the shared prefix's keys (no mask, the prefix never copied per row),
+  and each row causally over its own keys;
+- on a GPU the q/k/v and gate/up projections are fused (``engine/arch/fuse.py``, as the fast engine's):
+  one GEMM and, in FP8, one activation quantization where there were three (two);
 - the last layer projects keys and values for every token but runs its query, attention output and
   MLP for each row's last token only (the only one whose logits are read): about 1/layers of the
   pass's matmul FLOPs saved.
@@ -19,7 +22,8 @@ else keeps transformers' forward (:meth:`LlamaGuardChecker._run`).
 
 from __future__ import annotations
 
-from airflow_hfllm.engine.arch.layer import decoder_layer, rotate_half, text_config, text_model
+from airflow_hfllm.engine.arch.fuse import fuse_projections
+from airflow_hfllm.engine.arch.layer import decoder_layer, project_qkv, rotate_half, text_config, text_model
 from airflow_hfllm.engine.compiled import Compiler
 from airflow_hfllm.engine.loading import LoadedModel
 
@@ -41,7 +45,8 @@ class VerdictPass:
         heads = cfg.num_attention_heads
         self.dims = (heads, getattr(cfg, "num_key_value_heads", None) or heads,
                      getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        self.gqa = bool(self.dims[1] != heads)
+        if next(model.parameters()).is_cuda:
+            fuse_projections(model)
         self.compiler = Compiler(name, compile)
         self._fn = self.compiler(self._forward)
 
@@ -67,14 +72,13 @@ class VerdictPass:
                     torch.cat([prefix_v[l].expand(n, -1, -1, -1), v], dim=2))
 
         def attend(l, q, k, v, scale):
-            return causal_attention(q, *keys(l, k, v), scale, self.gqa)
+            return prefix_attention(q, k, v, prefix_k[l], prefix_v[l], scale)
 
         last = self.layers[-1]
-        attn = last.self_attn
-        # the lean last layer is Llama's (Llama Guard's); other layouts (q/k norms, fused q/k/v, partial rotary,
-        # sandwich norms) run the whole layer and keep the last tokens
-        lean = hasattr(attn, "k_proj") and not hasattr(attn, "q_norm") \
-            and not hasattr(last, "pre_feedforward_layernorm") and cos.shape[-1] == self.dims[2]
+        # the lean last layer is Llama's (Llama Guard's); other layouts (q/k norms, partial rotary, sandwich
+        # norms) run the whole layer and keep the last tokens
+        lean = not hasattr(last.self_attn, "q_norm") and not hasattr(last, "pre_feedforward_layernorm") \
+            and cos.shape[-1] == self.dims[2]
         for layer in self.layers if not lean else self.layers[:-1]:
             x = decoder_layer(layer, x, cos, sin, lambda *a: None, attend, self.dims)
         if not lean:
@@ -89,15 +93,13 @@ class VerdictPass:
         heads, kv_heads, head_dim = self.dims
         n, w, _ = x.shape
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        cos4, sin4 = cos.unsqueeze(1), sin.unsqueeze(1)
-        k = attn.k_proj(h).view(n, w, kv_heads, head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(n, w, kv_heads, head_dim).transpose(1, 2)
-        k = k * cos4 + rotate_half(k) * sin4
+        # queries for every token too (fused with k/v, ~7% of this layer's FLOPs), then only the last kept
+        q, k, v = project_qkv(attn, layer.input_layernorm(x), self.dims)
+        k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
         k, v = keys(attn.layer_idx, k, v)
         rows, last = torch.arange(n, device=x.device), lengths - 1
         # One query per row, its q heads grouped by the KV head they read: [n, kv, heads/kv, hd].
-        q = attn.q_proj(h[rows, last]).view(n, kv_heads, heads // kv_heads, head_dim)
+        q = q[rows, :, last].reshape(n, kv_heads, heads // kv_heads, head_dim)
         qc, qs = cos[0, last][:, None, None], sin[0, last][:, None, None]
         q = q * qc + rotate_half(q) * qs
         # Written out rather than SDPA: a masked single-query SDPA goes to cuDNN on Hopper, which
@@ -112,16 +114,43 @@ class VerdictPass:
         return self.base.norm(x)
 
 
-def causal_attention(q, k, v, scale, gqa: bool):
-    """Causal attention of q [n, H, T, hd] over k, v [n, KV, S, hd], S >= T, the queries being the
-    last T keys' positions (the diagonal aligned bottom right)."""
-    import torch
-    import torch.nn.functional as F
+def prefix_attention(q, k, v, prefix_k, prefix_v, scale):
+    """Attention of q [n, H, T, hd] over a shared prefix's keys and values [1, KV, P, hd] and then, causally,
+    each row's own k, v [n, KV, T, hd]: query t sees the whole prefix and its row's keys 0..t.
 
-    t, s = q.shape[2], k.shape[2]
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # flash attention's own causal mask is bottom-right aligned when S > T (SDPA's is_causal is
-        # top-left there, so it is called directly); it reads grouped KV heads as they are.
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
-    mask = torch.arange(s, device=q.device)[None] <= torch.arange(t, device=q.device)[:, None] + (s - t)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    Two softmaxes over disjoint keys, merged by their log-sum-exp (as split-K attention merges its ranges):
+    with weight w = sigmoid(lse_prefix - lse_own), the result is w * o_prefix + (1 - w) * o_own. The prefix
+    part reads all n * T queries as one sequence, so the prefix is neither expanded nor concatenated per row,
+    and the own part is square, its causal mask the usual one."""
+    import torch
+
+    n, heads, t, hd = q.shape
+    own, own_lse = attention_with_lse(q, k, v, scale, causal=True)
+    if prefix_k.shape[2] == 0:
+        return own
+    flat = q.transpose(1, 2).reshape(1, n * t, heads, hd).transpose(1, 2)
+    pre, pre_lse = attention_with_lse(flat, prefix_k, prefix_v, scale, causal=False)
+    pre = pre.transpose(1, 2).reshape(n, t, heads, hd).transpose(1, 2)
+    pre_lse = pre_lse.reshape(heads, n, t).transpose(0, 1)
+    w = torch.sigmoid(pre_lse - own_lse)[..., None]
+    return (own.float() + (pre.float() - own.float()) * w).to(q.dtype)
+
+
+def attention_with_lse(q, k, v, scale, causal: bool):
+    """(attention output [B, H, T, hd], its log-sum-exp [B, H, T] fp32) of q over k, v [B, KV, S, hd]
+    (KV dividing H: grouped heads read as they are); ``causal`` needs S == T."""
+    import torch
+
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return out, lse
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        t = q.shape[2]
+        above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp() @ v.float()).to(q.dtype), lse

@@ -25,20 +25,27 @@ def test_compiled_checker_gives_the_eager_scores(models):
             assert b == pytest.approx(a, abs=1e-3)
 
 
-def test_flash_attention_is_causal_from_the_bottom_right_with_grouped_heads():
-    # The lean verdict pass calls flash attention directly for queries that are the last T of S keys:
-    # against the masked fp32 reference, on bf16 inputs, 32 query heads over 8 KV heads.
-    from airflow_hfllm.safety.verdict_pass import causal_attention
+def test_prefix_attention_in_flash_equals_one_masked_softmax_over_prefix_and_row():
+    # The lean verdict pass attends over the shared prefix and each row's own keys in two flash calls merged by
+    # their log-sum-exp: against one masked fp32 softmax over the concatenated keys (the queries being the last
+    # T of P + T keys), on bf16 inputs, 32 query heads over 8 KV heads.
+    from airflow_hfllm.safety.verdict_pass import prefix_attention
 
     torch.manual_seed(0)
-    q = torch.randn(3, 32, 40, 64, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(3, 8, 154, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    flash = causal_attention(q, k, v, 0.125, True).float()
-    reference = causal_attention(q.float(), k.float(), v.float(), 0.125, True)
-    torch.testing.assert_close(flash, reference, atol=2e-2, rtol=2e-2)
-    top_left = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
-                                                                scale=0.125, enable_gqa=True)
-    assert (flash - top_left).abs().max() > 0.1  # the alignment matters: the test can tell them apart
+    n, t, p = 3, 40, 114
+    q = torch.randn(n, t, 32, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # the layer's layout
+    k, v = (torch.randn(n, 8, t, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pk, pv = (torch.randn(1, 8, p, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    got = prefix_attention(q, k, v, pk, pv, 0.125).float()
+    keys = torch.cat([pk.expand(n, -1, -1, -1), k], 2).float()
+    values = torch.cat([pv.expand(n, -1, -1, -1), v], 2).float()
+    mask = torch.arange(p + t, device="cuda")[None] <= torch.arange(t, device="cuda")[:, None] + p
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, scale=0.125,
+                                                            enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    top_left = torch.nn.functional.scaled_dot_product_attention(q.float(), keys, values, is_causal=True, scale=0.125,
+                                                                enable_gqa=True)
+    assert (got - top_left).abs().max() > 0.1  # the alignment matters: the test can tell them apart
 
 
 def test_lean_verdict_pass_in_bf16_agrees_with_transformers(models):

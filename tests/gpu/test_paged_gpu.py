@@ -69,3 +69,62 @@ def test_the_engine_pages_where_memory_limits_the_slots(tmp_path, no_tf32):
     finally:
         del filler
         free_memory()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3-text"])
+def test_paged_cache_compiled_and_in_fp8(tmp_path, family, no_tf32):
+    """The paths the paged default now reaches where memory is tight: the compiled decoder over a paged cache
+    (fp32: the same tokens as the compiled static one), and an FP8 paged cache (bf16 weights: the first
+    token of every row as the bf16 paged cache's, as ``test_kv_fp8_gpu.py`` holds for the static one)."""
+    from airflow_hfllm.config import GenerationParams, ModelSpec
+    from airflow_hfllm.engine.fast import FastEngine
+    from airflow_hfllm.engine.loading import get_model
+    from airflow_hfllm.testing.families import make_family_model
+    from tests.conftest import chat_requests
+
+    path = str(make_family_model(tmp_path, family))
+    loaded = get_model(ModelSpec(path, dtype="float32"))
+    reqs = chat_requests(loaded.tokenizer, 64, 32)
+    params = GenerationParams(max_new_tokens=32, do_sample=False)
+    static = FastEngine(loaded, params, slots=16, compile=True).generate(reqs)
+    engine = FastEngine(loaded, params, slots=16, paged=True, compile=True)
+    paged = engine.generate(reqs)
+    assert engine.table is not None and engine.decoder.compiler.enabled and engine.cuda_graphs
+    same = sum(a.text == b.text for a, b in zip(paged, static))
+    print(f"{family} compiled: {same}/64 rows of the paged cache equal the static cache's")
+    assert same >= 0.95 * len(reqs)
+
+    loaded = get_model(ModelSpec(path, dtype="bfloat16"))
+    params = GenerationParams(max_new_tokens=32, do_sample=False, logprobs=1)
+    plain = FastEngine(loaded, params, slots=16, paged=True).generate(reqs)
+    engine = FastEngine(loaded, params, slots=16, paged=True, kv_cache_dtype="fp8")
+    fp8 = engine.generate(reqs)
+    assert engine.table is not None and engine.k_cache[0].dtype == torch.float8_e4m3fn
+    first = [a.top_logprobs[0]["id"] == b.top_logprobs[0]["id"] for a, b in zip(plain, fp8)]
+    print(f"{family} fp8 paged: first token agrees on {sum(first)}/64 rows, whole text on "
+          f"{sum(a.text == b.text for a, b in zip(plain, fp8))}/64")
+    assert all(first) and sum(a.text[:8] == b.text[:8] for a, b in zip(plain, fp8)) >= 0.75 * len(reqs)
+
+
+def test_vision_on_a_paged_cache(tmp_path, no_tf32):
+    """Qwen3-VL (images expanded into a row's blocks once they are ready, multimodal rope offsets) on a paged
+    cache of few blocks, with CUDA graphs: the static cache's greedy tokens, fp32."""
+    from airflow_hfllm.engine.kv_cache import BlockPool
+    from airflow_hfllm.testing.vision import make_tiny_vision_model
+    from airflow_hfllm.vision.fast import VisionFastEngine
+    from tests.unit.test_qwen3_vl import setup
+
+    model = str(make_tiny_vision_model(tmp_path / "qwen3_vl", family="qwen3_vl"))
+    loaded, processor, loader, params, requests = setup(model, "float32")
+    fresh = setup(model, "float32")[-1]  # placeholders not yet expanded
+    assert loaded.model.dtype == torch.float32 and loaded.model.device.type == "cuda"
+    static = VisionFastEngine(loaded, params, processor, loader, slots=5, steps_per_sync=3).generate(requests)
+    blocks = 2 * BlockPool.need(max(len(r.input_ids) + r.max_new_tokens for r in requests)) + 1
+    engine = VisionFastEngine(loaded, params, processor, loader, slots=5, steps_per_sync=3, paged=True,
+                              kv_blocks=blocks)
+    paged = engine.generate(fresh)
+    assert engine.table is not None and engine.cuda_graphs and engine.decoder.kernel is not None
+    assert sum(c.output_tokens >= 24 for c in static) >= 0.8 * len(static)  # not vacuous
+    same = sum(a.text == b.text for a, b in zip(paged, static))
+    print(f"qwen3_vl: {same}/{len(static)} rows of the paged cache equal the static cache's")
+    assert same >= 0.95 * len(static)

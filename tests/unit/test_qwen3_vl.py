@@ -34,13 +34,13 @@ def qwen3_vl(tmp_path_factory):
     return get
 
 
-def setup(model: str):
+def setup(model: str, dtype: str = "auto"):
     """(loaded model, processor, image loader at the processor's factor, params, requests): ROWS rows of
     one image or two, of mixed sizes and aspect ratios."""
     from airflow_hfllm.vision.processor import get_processor, get_vision_model
     from airflow_hfllm.vision.requests import build_request
 
-    loaded = get_vision_model(ModelSpec(model))
+    loaded = get_vision_model(ModelSpec(model, dtype=dtype))
     processor = get_processor(ModelSpec(model, task="vision"))
     loader = ImageLoader(**SMALL, factor=processor.factor, backend="pil")
     requests = []
