@@ -7,10 +7,13 @@ each a pass over a [rows, heads, L, L] tensor, ~30 per layer. Here the two relat
 gathered straight into one bias [rows, heads, L, L] (already scaled; p2c gathered along the key axis of
 its transposed product, so nothing is read strided), the padded keys are masked in it, and SDPA's
 memory-efficient kernel does QK^T + bias, the softmax and AV in one kernel: about a third of the memory
-traffic, the same math. Compiled, inductor fuses the gathers and the sum into one kernel. Adding the two
-terms inside the attention kernel instead (FlexAttention's ``score_mod``, no bias tensor at all) was
-measured slower on an H200, and its compiled CPU kernel got lengths off its 128 blocks wrong
-(docs/benchmarks.md, 2026-12-03). The padding is masked as keys only (transformers also masks padded queries,
+traffic, the same math. On a GPU with Triton the bias is one kernel (:mod:`~airflow_hfllm.safety.deberta_kernel`:
+the products for the distances a pass can reach, read through a table by distance, no index tensor), and
+the bias with SDPA is one custom op a compiled forward calls as it is: 0.257 -> 0.212 s for the standard
+batch's checks on an H200, against inductor's fused gathers (docs/benchmarks.md, 2026-12-03, fourth
+session). Adding the two terms inside the attention kernel instead (FlexAttention's ``score_mod``, no bias
+tensor at all) was measured slower on an H200, and its compiled CPU kernel got lengths off its 128 blocks
+wrong. The padding is masked as keys only (transformers also masks padded queries,
 whose outputs nothing reads: the classifier pools the first token and real tokens never attend to pads).
 
 :func:`lean_attention` swaps each attention module's ``forward`` for the duration of a ``with`` block,
@@ -41,19 +44,33 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def bias_kernel(device):
+    """The attention with the Triton bias kernel (:func:`airflow_hfllm.safety.deberta_kernel.attention_op`)
+    where it runs: CUDA with Triton installed; else ``None`` (the bias gathered by an index tensor)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from airflow_hfllm.safety.deberta_kernel import attention_op
+    except ImportError:
+        return None
+    return attention_op()
+
+
 def _attention_modules(model) -> list:
     return [m for m in model.modules() if type(m).__name__ == "DisentangledSelfAttention"]
 
 
 @contextmanager
 def lean_attention(model):
-    """Within the block, ``model``'s DeBERTa attention modules run :func:`_forward`, and its encoder
-    :func:`_relative_positions`."""
-    swapped = [(m, "forward", _forward) for m in _attention_modules(model)]
-    swapped += [(m, "get_rel_pos", _relative_positions) for m in model.modules()
+    """Within the block, ``model``'s DeBERTa attention modules run :func:`_forward` (with the bias kernel of
+    :func:`bias_kernel` where it runs), and its encoder :func:`_relative_positions`."""
+    kernel = bias_kernel(next(model.parameters()).device)  # resolved here, not while torch.compile traces
+    swapped = [(m, "forward", types.MethodType(_forward, m)) for m in _attention_modules(model)]
+    swapped += [(m, "bias_kernel", kernel) for m in _attention_modules(model)]
+    swapped += [(m, "get_rel_pos", types.MethodType(_relative_positions, m)) for m in model.modules()
                 if type(m).__name__ == "DebertaV2Encoder"]
-    for module, name, fn in swapped:
-        setattr(module, name, types.MethodType(fn, module))
+    for module, name, value in swapped:
+        setattr(module, name, value)
     try:
         yield
     finally:
@@ -83,7 +100,6 @@ def _relative_positions(self, hidden_states, query_states=None, relative_pos=Non
 def _forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
              rel_embeddings=None):
     import torch
-    import torch.nn.functional as F
 
     cls = type(self)
     b, w, _ = hidden_states.shape
@@ -113,13 +129,23 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
         rel_pos = relative_pos.reshape(w, w).to(device=q.device, dtype=torch.long)  # bucketed i - j
         span = self.pos_ebd_size
         rel = self.pos_dropout(rel_embeddings)[:2 * span]
-        index = (rel_pos + span).clamp(0, 2 * span - 1).expand(b, heads, w, w)  # [i, j]: the bucket of i - j
+        index = (rel_pos + span).clamp(0, 2 * span - 1)  # [i, j]: the embedding of i - j's bucket
+        # query i . position key of (i - j); key j . position query of (i - j), as transformers' p2c gathers it
+        pos_k = (self.key_proj(rel) if self.share_att_key else self.pos_key_proj(rel)).view(2 * span, heads, -1) \
+            if "c2p" in kinds else None
+        pos_q = (self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel)).view(2 * span, heads, -1) \
+            if "p2c" in kinds else None
+        kernel = self.bias_kernel
+        if kernel is not None:  # index by distance: i - j = d - (w - 1)
+            table = torch.cat([index[0].flip(0), index[1:, 0]]).to(torch.int32)
+            out = kernel(q, k, v, pos_k, pos_q, table, keep[:, 0, 0], scale, self.position_buckets,
+                         self.max_relative_positions)
+            return out.reshape(b, w, -1), None
+        index = index.expand(b, heads, w, w)
         terms = []  # (scores by position, the dim to gather along)
-        if "c2p" in kinds:  # query i . position key of (i - j)
-            pos_k = (self.key_proj(rel) if self.share_att_key else self.pos_key_proj(rel)).view(2 * span, heads, -1)
+        if pos_k is not None:
             terms.append((torch.einsum("bhid,phd->bhip", q * scale, pos_k), -1))
-        if "p2c" in kinds:  # key j . position query of (i - j), as transformers' p2c gathers it
-            pos_q = (self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel)).view(2 * span, heads, -1)
+        if pos_q is not None:
             terms.append((torch.einsum("phd,bhjd->bhpj", pos_q, k * scale), -2))  # positions first: along dim -2
         if torch.compiler.is_compiling():  # inductor fuses the gathers and the sum, and aligns the bias for SDPA
             bias = sum(torch.gather(x, dim, index) for x, dim in terms)
@@ -130,10 +156,15 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
             torch.gather(*terms[0], index, out=bias)
             for x, dim in terms[1:]:
                 bias.add_(torch.gather(x, dim, index))
-    if bias is None:
-        mask = keep
-    else:
-        mask = bias.masked_fill_(~keep, torch.finfo(bias.dtype).min)
+    return _attend(q, k, v, keep if bias is None else bias.masked_fill_(~keep, torch.finfo(bias.dtype).min), scale,
+                   b, w)
+
+
+def _attend(q, k, v, mask, scale, b: int, w: int):
+    """SDPA of q, k, v [b, heads, w, hd] under ``mask`` (a bias, or the keys kept); the module's output."""
+    import torch
+    import torch.nn.functional as F
+
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
