@@ -44,7 +44,7 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def bias_kernel(device):
+def triton_attention(device):
     """The attention with the Triton bias kernel (:func:`airflow_hfllm.safety.deberta_kernel.attention_op`)
     where it runs: CUDA with Triton installed; else ``None`` (the bias gathered by an index tensor)."""
     if device.type != "cuda":
@@ -62,11 +62,11 @@ def _attention_modules(model) -> list:
 
 @contextmanager
 def lean_attention(model):
-    """Within the block, ``model``'s DeBERTa attention modules run :func:`_forward` (with the bias kernel of
-    :func:`bias_kernel` where it runs), and its encoder :func:`_relative_positions`."""
-    kernel = bias_kernel(next(model.parameters()).device)  # resolved here, not while torch.compile traces
+    """Within the block, ``model``'s DeBERTa attention modules run :func:`_forward` (through
+    :func:`triton_attention` where it runs), and its encoder :func:`_relative_positions`."""
+    kernel = triton_attention(next(model.parameters()).device)  # resolved here, not while torch.compile traces
     swapped = [(m, "forward", types.MethodType(_forward, m)) for m in _attention_modules(model)]
-    swapped += [(m, "bias_kernel", kernel) for m in _attention_modules(model)]
+    swapped += [(m, "triton_attention", kernel) for m in _attention_modules(model)]
     swapped += [(m, "get_rel_pos", types.MethodType(_relative_positions, m)) for m in model.modules()
                 if type(m).__name__ == "DebertaV2Encoder"]
     for module, name, value in swapped:
@@ -100,6 +100,7 @@ def _relative_positions(self, hidden_states, query_states=None, relative_pos=Non
 def _forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
              rel_embeddings=None):
     import torch
+    import torch.nn.functional as F
 
     cls = type(self)
     b, w, _ = hidden_states.shape
@@ -135,7 +136,7 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
             if "c2p" in kinds else None
         pos_q = (self.query_proj(rel) if self.share_att_key else self.pos_query_proj(rel)).view(2 * span, heads, -1) \
             if "p2c" in kinds else None
-        kernel = self.bias_kernel
+        kernel = self.triton_attention
         if kernel is not None:  # index by distance: i - j = d - (w - 1)
             table = torch.cat([index[0].flip(0), index[1:, 0]]).to(torch.int32)
             out = kernel(q, k, v, pos_k, pos_q, table, keep[:, 0, 0], scale, self.position_buckets,
@@ -156,15 +157,7 @@ def _forward(self, hidden_states, attention_mask, output_attentions=False, query
             torch.gather(*terms[0], index, out=bias)
             for x, dim in terms[1:]:
                 bias.add_(torch.gather(x, dim, index))
-    return _attend(q, k, v, keep if bias is None else bias.masked_fill_(~keep, torch.finfo(bias.dtype).min), scale,
-                   b, w)
-
-
-def _attend(q, k, v, mask, scale, b: int, w: int):
-    """SDPA of q, k, v [b, heads, w, hd] under ``mask`` (a bias, or the keys kept); the module's output."""
-    import torch
-    import torch.nn.functional as F
-
+    mask = keep if bias is None else bias.masked_fill_(~keep, torch.finfo(bias.dtype).min)
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
