@@ -59,6 +59,7 @@ class ClassifierChecker(SafetyChecker):
         self._loaded = None
         self._expected: int | None = None
         self.lean = False  # whether the DeBERTa attention runs through SDPA
+        self.triton = False  # whether its bias is the Triton kernel's (safety/deberta_kernel.py)
         self.compiler = None
 
     def expect(self, texts: int) -> None:
@@ -83,11 +84,12 @@ class ClassifierChecker(SafetyChecker):
         limit = min(limit, getattr(loaded.model.config, "max_position_embeddings", limit) or limit, 4096)
         self._limit = limit
         self._room = limit - len(loaded.tokenizer("")["input_ids"])  # minus the special tokens it adds
-        from airflow_hfllm.safety.deberta import unsupported_reason
+        from airflow_hfllm.safety.deberta import triton_attention, unsupported_reason
 
         from airflow_hfllm.engine.compiled import Compiler
 
         self.lean = self.fast and unsupported_reason(loaded.model) is None
+        self.triton = self.lean and triton_attention(loaded.device) is not None
         self.compiler = Compiler(f"classifier {self.spec.model}",
                                  compiles(self.compile, self._expected, loaded.device.type))
         model = loaded.model
@@ -107,15 +109,18 @@ class ClassifierChecker(SafetyChecker):
         passes = list(batches(by_length, rows, self.batch_size, self.token_budget))
         probs = torch.empty(len(rows), len(self._labels))
         order, by_pass = [i for batch in passes for i in batch], [[rows[i] for i in batch] for batch in passes]
-        try:
-            probs[order] = self._probs(loaded, by_pass)
-        except Exception as exc:
-            if not self.lean or isinstance(exc, torch.OutOfMemoryError):
-                raise
-            log.warning("classifier %s: the SDPA DeBERTa attention failed (%s: %s); transformers' attention from "
-                        "now on", self.spec.model, type(exc).__name__, str(exc)[:200])
-            self.lean = False
-            probs[order] = self._probs(loaded, by_pass)
+        while True:  # a failing fast attention steps down: Triton's bias, the gathered bias, transformers'
+            try:
+                probs[order] = self._probs(loaded, by_pass)
+                break
+            except Exception as exc:
+                if not self.lean or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                step = "the Triton DeBERTa bias" if self.triton else "the SDPA DeBERTa attention"
+                log.warning("classifier %s: %s failed (%s: %s); %s from now on", self.spec.model, step,
+                            type(exc).__name__, str(exc)[:200],
+                            "the gathered bias" if self.triton else "transformers' attention")
+                self.lean, self.triton = self.lean and self.triton, False
         require_finite(probs, self.name)
         if self._multi_label:
             row_scores = probs[:, self._unsafe].max(-1).values
@@ -163,7 +168,7 @@ class ClassifierChecker(SafetyChecker):
         from airflow_hfllm.safety.deberta import lean_attention
 
         out, at = [], 0
-        with torch.inference_mode(), lean_attention(loaded.model) if self.lean else nullcontext():
+        with torch.inference_mode(), lean_attention(loaded.model, self.triton) if self.lean else nullcontext():
             for n, width in shapes:
                 ids, mask = device[at:at + n * width].view(n, width), device[at + n * width:at + 2 * n * width]
                 at += 2 * n * width

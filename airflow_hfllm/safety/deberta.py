@@ -61,10 +61,12 @@ def _attention_modules(model) -> list:
 
 
 @contextmanager
-def lean_attention(model):
+def lean_attention(model, triton: bool = True):
     """Within the block, ``model``'s DeBERTa attention modules run :func:`_forward` (through
-    :func:`triton_attention` where it runs), and its encoder :func:`_relative_positions`."""
-    kernel = triton_attention(next(model.parameters()).device)  # resolved here, not while torch.compile traces
+    :func:`triton_attention` where it runs, unless ``triton`` is false), and its encoder
+    :func:`_relative_positions`."""
+    # resolved here, not while torch.compile traces
+    kernel = triton_attention(next(model.parameters()).device) if triton else None
     swapped = [(m, "forward", types.MethodType(_forward, m)) for m in _attention_modules(model)]
     swapped += [(m, "triton_attention", kernel) for m in _attention_modules(model)]
     swapped += [(m, "get_rel_pos", types.MethodType(_relative_positions, m)) for m in model.modules()

@@ -101,6 +101,31 @@ def test_a_failing_sdpa_attention_falls_back_to_transformers(tmp_path, monkeypat
     assert not checker.lean and "no kernel" in caplog.text
 
 
+def test_a_failing_triton_bias_falls_back_to_the_gathered_bias(tmp_path, monkeypatch, caplog):
+    # On a GPU the bias is a Triton kernel (safety/deberta_kernel.py, GPU-tested); where it fails (a GPU or
+    # Triton it does not suit), the checker keeps SDPA with the bias gathered, before giving up on SDPA.
+    from airflow_hfllm.safety import deberta as lean
+    from airflow_hfllm.testing.text import tokenizer
+
+    deberta().save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer("classifier-safety").save_pretrained(tmp_path)
+    want = [v.score for v in ClassifierChecker(str(tmp_path)).check(TEXTS[:2], "prompt")]  # gathered (CPU)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("no triton here")
+
+    monkeypatch.setattr(lean, "triton_attention", lambda device: broken)
+    checker = ClassifierChecker(str(tmp_path))
+    assert checker.load() and checker.triton
+    assert [v.score for v in checker.check(TEXTS[:2], "prompt")] == pytest.approx(want, abs=1e-6)
+    assert calls and checker.lean and not checker.triton and "no triton here" in caplog.text
+    calls.clear()
+    checker.check(TEXTS[:1], "prompt")
+    assert not calls  # once failed, not tried again
+
+
 def test_the_compiled_classifier_gives_the_eager_scores_without_compiling_per_width(tmp_path, quick_inductor):
     from torch._dynamo.utils import counters
 
