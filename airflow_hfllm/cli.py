@@ -16,7 +16,8 @@ import logging
 import signal
 import sys
 
-from airflow_hfllm.config import CONFIGS, KIND_DEFAULTS, HubOptions, Option, options
+from airflow_hfllm.config import CONFIGS, HubOptions
+from airflow_hfllm.options import Option, options
 from airflow_hfllm.testing import KINDS as TINY_KINDS
 from airflow_hfllm.testing import VERDICTS as TINY_VERDICTS
 
@@ -63,7 +64,7 @@ def add_option(parser, opt: Option, kind: str) -> None:
         kw.update(required=True)
     elif opt.type is bool:
         # a switch that is on somewhere (or only for one kind) gets its --no- form
-        varies = any(o.get(opt.name, opt.default) != opt.default for o in KIND_DEFAULTS.values())
+        varies = any(value != opt.default for value in opt.per_kind.values())
         kw.update(default=default, action=argparse.BooleanOptionalAction if default or varies else "store_true")
     elif opt.many:
         kw.update(default=[], action="append", metavar=opt.metavar)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_hfllm.config import CONFIGS, JobConfig, Option, VisionOptions, options
+from airflow_hfllm.config import CONFIGS, JobConfig, VisionOptions
+from airflow_hfllm.options import Option, options
 from airflow_hfllm.hooks.huggingface import HuggingFaceHook
 
 if TYPE_CHECKING:

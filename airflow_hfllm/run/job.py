@@ -14,7 +14,8 @@ import time
 from typing import Any, Iterator
 
 
-from airflow_hfllm.config import GenerationParams, HubOptions, JobConfig, ModelSpec, added, identity, options
+from airflow_hfllm.config import GenerationParams, HubOptions, JobConfig, ModelSpec
+from airflow_hfllm.options import added, identity, options
 from airflow_hfllm.engine.generate import Cancelled
 from airflow_hfllm.engine.prompts import PromptBuilder
 from airflow_hfllm.io.dataset import Dataset, InputError, to_fs

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from airflow_hfllm.cli import build_parser
-from airflow_hfllm.config import CONFIGS, KINDS, options
+from airflow_hfllm.config import CONFIGS
+from airflow_hfllm.options import KINDS, options
 
 PACKAGE = Path(__file__).resolve().parents[2] / "airflow_hfllm"
 MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
