@@ -120,7 +120,10 @@ class ClassifierChecker(SafetyChecker):
                 log.warning("classifier %s: %s failed (%s: %s); %s from now on", self.spec.model, step,
                             type(exc).__name__, str(exc)[:200],
                             "the gathered bias" if self.triton else "transformers' attention")
-                self.lean, self.triton = self.lean and self.triton, False
+                if self.triton:
+                    self.triton = False
+                else:
+                    self.lean = False
         require_finite(probs, self.name)
         if self._multi_label:
             row_scores = probs[:, self._unsafe].max(-1).values

@@ -35,8 +35,8 @@ import triton.language as tl
 @triton.autotune(configs=[triton.Config({"BLOCK_I": bi, "BLOCK_J": bj}, num_warps=w)
                           for bi, bj, w in ((32, 64, 4), (16, 64, 4), (64, 64, 8), (32, 128, 8), (32, 32, 4))],
                  key=[])
-@triton.jit(do_not_specialize=["heads", "rows", "width", "size", "low", "out_row", "out_head", "out_query"])
-def _bias(C2P, P2C, Table, Keep, Out, masked, heads, rows, width, size, low, out_row, out_head, out_query,
+@triton.jit(do_not_specialize=["heads", "rows", "width", "size", "low", "padded"])
+def _bias(C2P, P2C, Table, Keep, Out, masked, heads, rows, width, size, low, padded,
           HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // heads, bh % heads
@@ -55,7 +55,7 @@ def _bias(C2P, P2C, Table, Keep, Out, masked, heads, rows, width, size, low, out
         acc += tl.trans(tl.load(P2C + base + j[:, None] * size + r_t, mask=inside_t, other=0.0).to(tl.float32))
     keep = tl.load(Keep + b * width + j, mask=j < width, other=0)
     acc = tl.where(keep[None, :] != 0, acc, masked)
-    out = Out + b.to(tl.int64) * out_row + h.to(tl.int64) * out_head + i[:, None] * out_query + j[None, :]
+    out = Out + bh.to(tl.int64) * width * padded + i[:, None] * padded + j[None, :]  # [rows, heads, L, padded]
     tl.store(out, acc.to(Out.dtype.element_ty), mask=inside)
 
 
@@ -87,6 +87,8 @@ def attention_op():
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from airflow_hfllm.safety.deberta import SDPA_BACKENDS
+
     schema = ("(Tensor q, Tensor k, Tensor v, Tensor? pos_key, Tensor? pos_query, Tensor table, Tensor keep, "
               "float scale, int buckets, int longest) -> Tensor")
 
@@ -94,7 +96,7 @@ def attention_op():
     def attention(q, k, v, pos_key, pos_query, table, keep, scale, buckets, longest):
         width = q.shape[2]
         mask = bias(q * scale, k * scale, pos_key, pos_query, table, keep, buckets, longest)[..., :width]
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_BACKENDS]):
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).contiguous()
 
@@ -131,6 +133,6 @@ def bias(q, k, pos_key, pos_query, table, keep, buckets: int, longest: int):
         return rows * heads, triton.cdiv(width, meta["BLOCK_I"]), triton.cdiv(width, meta["BLOCK_J"])
 
     _bias[grid](c2p if c2p is not None else p2c, p2c if p2c is not None else c2p, table,
-                keep.to(torch.int8).contiguous(), out, torch.finfo(q.dtype).min, heads, rows, width, size, low,
-                heads * width * padded, width * padded, padded, HAS_C2P=c2p is not None, HAS_P2C=p2c is not None)
+                keep.to(torch.int8).contiguous(), out, torch.finfo(q.dtype).min, heads, rows, width, size, low, padded,
+                HAS_C2P=c2p is not None, HAS_P2C=p2c is not None)
     return out
