@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
 
 # Debian packages for tests/e2e (Postgres, Redis servers); a no-op when installed.
 system-deps:

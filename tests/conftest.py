@@ -1,10 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Before torch is imported anywhere: tiny models gain nothing from threads, and two busy OpenMP pools
 # on a 2-core machine slow generation down a hundredfold.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Airflow, where a test imports it in this process, keeps its config and database apart from the user's
+# (~/airflow) and from the other test worker's (make test runs two).
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="hfllm-test-airflow-")
+atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
 
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -30,6 +37,24 @@ def write_prompts(path, n: int, start: int = 0, **extra) -> pd.DataFrame:
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(path, index=False)
     return df
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` runs two pytest-xdist workers with ``--dist loadfile``: a worker takes whole files, so a
+    module's fixtures are built once. Here the end-to-end files count as one, so that one worker runs them all
+    and starts their deployment once (tests/e2e/conftest.py). ``--no-loadscope-reorder`` hands the files out
+    in collection order, the longest (e2e, then the DAG runs) first."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class EndToEndAsOneFile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+    return EndToEndAsOneFile(config, log)
 
 
 @pytest.fixture(scope="session")

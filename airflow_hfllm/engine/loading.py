@@ -74,6 +74,11 @@ def quantization_config(spec: ModelSpec, device, dtype):
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "8bit":
+        from airflow_hfllm.engine.fp8 import capable
+
+        if capable(device):  # measured on an H200, 7B standard batch: 4,013 tok/s int8, 23,490 FP8 compiled
+            log.info("quantization='8bit' runs bitsandbytes' int8 matmuls; on this GPU quantization='fp8' also "
+                     "keeps one byte a weight and generated about 6x faster (docs/benchmarks.md)")
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               bnb_4bit_use_double_quant=spec.double_quant)
