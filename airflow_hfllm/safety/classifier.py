@@ -1,15 +1,17 @@
 """Any sequence-classification model with safe/unsafe-like labels (``id2label``).
 
-Rows (texts, or windows of texts longer than the model's limit) are sorted by length and run in passes of
-at most ``batch_size`` rows and ``token_budget`` padded tokens, so a pass pads little; the verdicts come
-back in input order. The model runs in the load dtype (bf16 on GPU, fp16 where bf16 is missing, fp32 on
-CPU) with the attention transformers picks for it (SDPA where the model has it), except DeBERTa-v2/v3
-(Prompt Guard's, eager only in transformers), whose disentangled attention runs through one SDPA call
-(:mod:`~airflow_hfllm.safety.deberta`, ``fast=True``). Every pass's ids go to the device in one copy
-before the first pass and the scores come back in one copy after the last: nothing waits on the GPU in
-between. On a GPU, for a run large enough to repay it (``COMPILE_MIN_TEXTS``), the forward pass is
-compiled (``torch.compile``, dynamic shapes): its norms, activations, the attention bias's gathers and the
-softmax become a few fused kernels instead of ~40 per layer.
+Texts go in groups of ``batch_size``, shortest first by characters; a thread tokenizes the next group
+while the GPU runs this one. A group's rows (texts, or windows of texts longer than the model's limit) are
+sorted by tokens and run in passes of at most ``batch_size`` rows and ``token_budget`` padded tokens, so a
+pass pads little; the verdicts come back in input order. The model runs in the load dtype (bf16 on GPU,
+fp16 where bf16 is missing, fp32 on CPU) with the attention transformers picks for it (SDPA where the model
+has it), except DeBERTa-v2/v3 (Prompt Guard's, eager only in transformers), whose disentangled attention
+runs through one SDPA call (:mod:`~airflow_hfllm.safety.deberta`, ``fast=True``). A pass's ids go to the
+device from pinned memory, queued behind the passes before it, and the scores come back in one copy after
+the last: nothing waits on the GPU in between. On a GPU, for a run large enough to repay it
+(``COMPILE_MIN_TEXTS``), the forward pass is compiled (``torch.compile``, dynamic shapes): its norms,
+activations, the attention bias's gathers and the softmax become a few fused kernels instead of ~40 per
+layer.
 """
 
 from __future__ import annotations
@@ -103,15 +105,10 @@ class ClassifierChecker(SafetyChecker):
         loaded = self.load()
         if not texts:
             return []
-        owner, rows = self._rows(loaded.tokenizer, list(texts))
-        self.stats.update(texts=len(texts), rows=len(rows), tokens=sum(map(len, rows)))
-        by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        passes = list(batches(by_length, rows, self.batch_size, self.token_budget))
-        probs = torch.empty(len(rows), len(self._labels))
-        order, by_pass = [i for batch in passes for i in batch], [[rows[i] for i in batch] for batch in passes]
+        texts = list(texts)
         while True:  # a failing fast attention steps down: Triton's bias, the gathered bias, transformers'
             try:
-                probs[order] = self._probs(loaded, by_pass)
+                owner, rows, probs = self._probs(loaded, texts)
                 break
             except Exception as exc:
                 if not self.lean or isinstance(exc, torch.OutOfMemoryError):
@@ -124,6 +121,7 @@ class ClassifierChecker(SafetyChecker):
                     self.triton = False
                 else:
                     self.lean = False
+        self.stats.update(texts=len(texts), rows=len(rows), tokens=sum(map(len, rows)))
         require_finite(probs, self.name)
         if self._multi_label:
             row_scores = probs[:, self._unsafe].max(-1).values
@@ -154,30 +152,44 @@ class ClassifierChecker(SafetyChecker):
                 rows.append(tok(tok.decode(window), truncation=True, max_length=self._limit)["input_ids"])
         return owner, rows
 
-    def _probs(self, loaded, passes: list[list[list[int]]]):
-        """Label probabilities [rows, labels] (fp32, on the CPU) of every pass's rows, in pass order."""
+    def _probs(self, loaded, texts: list[str]):
+        """(the text of each row, each row's token ids, their label probabilities [rows, labels] fp32 on the
+        CPU). Texts go in groups of ``batch_size``, shortest first by characters (a sort that needs no
+        tokens); a thread tokenizes the next group while the GPU runs this one's passes, the rows of a group
+        sorted by tokens. Nothing waits on the GPU before the last pass."""
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
+
+        from airflow_hfllm.safety.deberta import lean_attention
 
         tok = loaded.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         left = getattr(tok, "padding_side", "right") == "left"
-        host, shapes = [], []
-        for rows in passes:  # width >= 1: an empty text of a tokenizer without special tokens
-            ids, mask = padded_with_mask(rows, pad, left)
-            n, width = ids.shape
-            host += [ids.flatten(), mask.long().flatten()]
-            shapes.append((n, width))
-        device = torch.cat(host).to(loaded.model.device)  # one copy for all passes
-        from airflow_hfllm.safety.deberta import lean_attention
-
-        out, at = [], 0
-        with torch.inference_mode(), lean_attention(loaded.model, self.triton) if self.lean else nullcontext():
-            for n, width in shapes:
-                ids, mask = device[at:at + n * width].view(n, width), device[at + n * width:at + 2 * n * width]
-                at += 2 * n * width
-                logits = self._forward(ids, mask.view(n, width))
-                out.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
-            return torch.cat(out).cpu()
+        cuda = loaded.device.type == "cuda"
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        groups = [order[at:at + self.batch_size] for at in range(0, len(order), self.batch_size)]
+        owner, rows, out, ran = [], [], [], []
+        with ThreadPoolExecutor(1) as pool, torch.inference_mode(), \
+                lean_attention(loaded.model, self.triton) if self.lean else nullcontext():
+            # the tokenizer's Rust code runs without the GIL, beside this thread's launches
+            tokenized = pool.map(lambda group: self._rows(tok, [texts[i] for i in group]), groups)
+            for group, (own, ids) in zip(groups, tokenized):
+                first = len(rows)
+                owner += [group[n] for n in own]
+                rows += ids
+                by_length = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+                for batch in batches(by_length, ids, self.batch_size, self.token_budget):
+                    host_ids, mask = padded_with_mask([ids[i] for i in batch], pad, left)
+                    if cuda:  # pinned: the copies queue behind the passes instead of waiting for them
+                        host_ids, mask = host_ids.pin_memory(), mask.pin_memory()
+                    logits = self._forward(host_ids.to(loaded.device, non_blocking=cuda),
+                                           mask.to(loaded.device, non_blocking=cuda).long())
+                    out.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
+                    ran += [first + i for i in batch]
+            probs = torch.empty(len(rows), len(self._labels))
+            probs[ran] = torch.cat(out).cpu()
+        return owner, rows, probs
 
     @property
     def compiled(self) -> bool:
