@@ -25,7 +25,8 @@ from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.arch.layer import padded_with_mask
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, compiles, require_finite, windows
+from airflow_hfllm.safety.base import (Kind, SafetyChecker, Verdict, batches, compiles, require_finite, to_device,
+                                       windows)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,6 @@ class ClassifierChecker(SafetyChecker):
         tok = loaded.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         left = getattr(tok, "padding_side", "right") == "left"
-        cuda = loaded.device.type == "cuda"
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         groups = [order[at:at + self.batch_size] for at in range(0, len(order), self.batch_size)]
         owner, rows, out, ran = [], [], [], []
@@ -181,10 +181,7 @@ class ClassifierChecker(SafetyChecker):
                 by_length = sorted(range(len(ids)), key=lambda i: len(ids[i]))
                 for batch in batches(by_length, ids, self.batch_size, self.token_budget):
                     host_ids, mask = padded_with_mask([ids[i] for i in batch], pad, left)
-                    if cuda:  # pinned: the copies queue behind the passes instead of waiting for them
-                        host_ids, mask = host_ids.pin_memory(), mask.pin_memory()
-                    logits = self._forward(host_ids.to(loaded.device, non_blocking=cuda),
-                                           mask.to(loaded.device, non_blocking=cuda).long())
+                    logits = self._forward(to_device(host_ids, loaded.device), to_device(mask, loaded.device).long())
                     out.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
                     ran += [first + i for i in batch]
             probs = torch.empty(len(rows), len(self._labels))

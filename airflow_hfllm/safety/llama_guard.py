@@ -31,7 +31,7 @@ from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import (COMPILE_MIN_TEXTS, Kind, SafetyChecker, Verdict, batches, compiles,
-                                       require_finite, windows)
+                                       require_finite, to_device, windows)
 from airflow_hfllm.safety.verdict_pass import VerdictPass
 
 log = logging.getLogger(__name__)
@@ -328,9 +328,9 @@ class LlamaGuardChecker(SafetyChecker):
         import torch
 
         dev = loaded.model.device
-        lengths = torch.tensor([len(row) for row in rows], device=dev)
+        lengths = to_device(torch.tensor([len(row) for row in rows]), dev)
         with torch.inference_mode():  # a pure pass: a compile failure runs it again eagerly (engine/compiled.py)
-            return self._pass.logits(padded(rows, self._pad).to(dev), lengths, self._prefix_kv[kind])
+            return self._pass.logits(to_device(padded(rows, self._pad), dev), lengths, self._prefix_kv[kind])
 
     def _compile_failed(self, exc: Exception) -> None:
         compile_failed(f"llama guard {self.spec.model}", exc)
