@@ -33,7 +33,7 @@ from airflow_hfllm.engine.oom import out_of_memory
 from airflow_hfllm.engine.prefix import Prefix, PrefixCache
 from airflow_hfllm.engine.decoder import Decoder, kv_dtype, unsupported_reason
 from airflow_hfllm.engine.logprobs import Columns, SlotLogprobs
-from airflow_hfllm.engine.arch.layer import prefill_attention, padded
+from airflow_hfllm.engine.arch.layer import prefill_attention, padded, upload
 from airflow_hfllm.engine.arch.longrope import recompute
 from airflow_hfllm.engine.decoding import output_text
 from airflow_hfllm.engine.grammar import constraint, judged
@@ -308,13 +308,7 @@ class FastEngine:
         return self._upload(padded([r.input_ids[skip:] for r in group]))
 
     def _upload(self, values):
-        """``values`` (a list or CPU tensor) on the device without a sync: a plain upload waits for the GPU's
-        queue to drain, so the host could not prepare the next prefill group (or capture the decode graph)
-        while the GPU runs this one."""
-        import torch
-
-        cpu = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
-        return cpu.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else cpu
+        return upload(values, self.device)
 
     def _inputs(self, group: list[Request], skip: int = 0):
         """(ids [n, W] right-padded, embeddings [n, W, D], positions [n, W] or [3, n, W], rope offsets [n] or

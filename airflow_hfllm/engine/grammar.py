@@ -22,6 +22,7 @@ import time
 from dataclasses import replace
 from typing import Sequence
 
+from airflow_hfllm.engine.arch.layer import upload
 from airflow_hfllm.engine.generate import Completion
 
 CUT = "output cut at max_new_tokens before the grammar completed"
@@ -247,8 +248,7 @@ class Constraint:
         self.fill(rows)
         self.mask_seconds += time.monotonic() - started
         if device is not None:
-            masks = torch.from_numpy(self.mask[list(rows)])
-            return masks.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else masks
+            return upload(torch.from_numpy(self.mask[list(rows)]), device)
 
     def fill(self, rows: Sequence[int]) -> None:
         """The allowed next tokens of ``rows`` into ``mask``; a row whose matcher failed may take any token

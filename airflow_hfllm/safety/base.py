@@ -151,14 +151,6 @@ def batches(order: list[int], rows: list[list[int]], batch_size: int, token_budg
         yield batch
 
 
-def to_device(x, device):
-    """A CPU tensor on ``device`` without waiting for the GPU: a copy from pinned memory queues behind the
-    passes already launched, where one from pageable memory waits for them all to finish."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
-
 def windows(ids: list[int], size: int, overlap: int = 32) -> list[list[int]]:
     """Split token ids into windows of at most ``size`` (overlapping a little, so a phrase cut at a
     window edge is still seen whole once). Checkers judge long texts as unsafe if any window is."""

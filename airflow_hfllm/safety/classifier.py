@@ -22,11 +22,10 @@ from contextlib import nullcontext
 from typing import Sequence
 
 from airflow_hfllm.config import HubOptions
-from airflow_hfllm.engine.arch.layer import padded_with_mask
+from airflow_hfllm.engine.arch.layer import padded_with_mask, upload
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
-from airflow_hfllm.safety.base import (Kind, SafetyChecker, Verdict, batches, compiles, require_finite, to_device,
-                                       windows)
+from airflow_hfllm.safety.base import Kind, SafetyChecker, Verdict, batches, compiles, require_finite, windows
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +154,7 @@ class ClassifierChecker(SafetyChecker):
 
     def _probs(self, loaded, texts: list[str]):
         """(the text of each row, each row's token ids, their label probabilities [rows, labels] fp32 on the
-        CPU). Texts go in groups of ``batch_size``, shortest first by characters (a sort that needs no
-        tokens); a thread tokenizes the next group while the GPU runs this one's passes, the rows of a group
-        sorted by tokens. Nothing waits on the GPU before the last pass."""
+        CPU), the texts grouped and tokenized as the module's docstring says."""
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -181,7 +178,7 @@ class ClassifierChecker(SafetyChecker):
                 by_length = sorted(range(len(ids)), key=lambda i: len(ids[i]))
                 for batch in batches(by_length, ids, self.batch_size, self.token_budget):
                     host_ids, mask = padded_with_mask([ids[i] for i in batch], pad, left)
-                    logits = self._forward(to_device(host_ids, loaded.device), to_device(mask, loaded.device).long())
+                    logits = self._forward(upload(host_ids, loaded.device), upload(mask, loaded.device).long())
                     out.append(logits.sigmoid() if self._multi_label else logits.softmax(-1))
                     ran += [first + i for i in batch]
             probs = torch.empty(len(rows), len(self._labels))

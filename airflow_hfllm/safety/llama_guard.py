@@ -25,13 +25,13 @@ from collections import Counter
 from typing import Sequence
 
 from airflow_hfllm.engine.fast import unsupported_reason
-from airflow_hfllm.engine.arch.layer import padded
+from airflow_hfllm.engine.arch.layer import padded, upload
 from airflow_hfllm.engine.compiled import compile_failed
 from airflow_hfllm.config import HubOptions
 from airflow_hfllm.engine.loading import get_model
 from airflow_hfllm.config import ModelSpec
 from airflow_hfllm.safety.base import (COMPILE_MIN_TEXTS, Kind, SafetyChecker, Verdict, batches, compiles,
-                                       require_finite, to_device, windows)
+                                       require_finite, windows)
 from airflow_hfllm.safety.verdict_pass import VerdictPass
 
 log = logging.getLogger(__name__)
@@ -328,9 +328,9 @@ class LlamaGuardChecker(SafetyChecker):
         import torch
 
         dev = loaded.model.device
-        lengths = to_device(torch.tensor([len(row) for row in rows]), dev)
+        lengths = upload([len(row) for row in rows], dev)
         with torch.inference_mode():  # a pure pass: a compile failure runs it again eagerly (engine/compiled.py)
-            return self._pass.logits(to_device(padded(rows, self._pad), dev), lengths, self._prefix_kv[kind])
+            return self._pass.logits(upload(padded(rows, self._pad), dev), lengths, self._prefix_kv[kind])
 
     def _compile_failed(self, exc: Exception) -> None:
         compile_failed(f"llama guard {self.spec.model}", exc)

@@ -66,6 +66,16 @@ def padded_with_mask(rows: Sequence[Sequence[int]], pad: int = 0, left: bool = F
     return torch.from_numpy(ids), torch.from_numpy(real)
 
 
+def upload(values, device):
+    """``values`` (a list of ints or a CPU tensor) on ``device`` without a sync: an upload from pageable memory
+    waits for the GPU's queue to drain, so the host could not prepare the next pass (or capture a graph)
+    while the GPU runs this one; one from pinned memory queues behind it."""
+    import torch
+
+    cpu = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    return cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu.to(device)
+
+
 def rotate_half(x):
     import torch
 
